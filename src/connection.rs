@@ -1,0 +1,315 @@
+//! One client's whole life: from the accepted socket to the close, in one task.
+//!
+//! # How a connection echoes
+//!
+//! The echo is `tokio::io::copy_bidirectional` between the client socket and an in-memory loop
+//! (`tokio::io::SimplexStream`): whatever the copy writes into the loop it reads back out and
+//! writes to the client. The loop is what makes the semantics fall out of the copy for free:
+//!
+//! * **order and exactly-once**: one byte stream through two FIFO copies;
+//! * **half-close**: when the client's FIN arrives the copy shuts the loop down; the loop then
+//!   drains what it still holds, reports EOF, and the copy shuts down our side of the socket, so
+//!   the client reads everything and then a clean EOF;
+//! * **backpressure**: the loop holds at most one buffer's worth. A client that sends but never
+//!   reads fills its receive window, our writes stall, the loop fills, the copy stops reading, and
+//!   the client's own send window closes. Memory per connection stays bounded.
+//!
+//! # Phases: no buffers while idle, bigger buffers for bulk traffic
+//!
+//! `copy_bidirectional` allocates (and zero-fills) its buffers as soon as it first runs and holds
+//! them until it ends, so a literal "one copy per connection" pins two buffers and a loop for every
+//! idle client. The IOCP servers echod descends from posted zero-byte receives for the same reason.
+//! Here a connection alternates between two phases:
+//!
+//! 1. **waiting**: no buffers; the task sleeps on socket readiness (and the idle deadline);
+//! 2. **copying**: a `copy_bidirectional_with_sizes` runs with buffers of the current size.
+//!
+//! A copy phase ends early only at a point where doing so loses nothing: when every byte received
+//! has also been sent (`received == sent`), both copy buffers and the loop are empty. Two things end
+//! it there:
+//!
+//! * a once-a-tick check that finds no traffic since the previous tick: the buffers are freed and
+//!   the connection goes back to waiting;
+//! * a read that filled the whole buffer (the client sends faster than one buffer per read): the
+//!   [`Metered`] reader stops the copy at the next balanced read, and the next phase runs with
+//!   buffers four times larger, up to [`MAX_BUFFER`].
+//!
+//! The same tick publishes the connection's byte counts to the shared metrics, so counters are
+//! live (at most a tick stale) without a shared atomic being touched on every read.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, SimplexStream};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::debug;
+
+use crate::metrics::{CloseReason, ConnectionMetrics};
+use crate::server::Shared;
+
+/// Buffer size a connection starts with: one page, enough for typical request/response sizes.
+pub const INITIAL_BUFFER: usize = 4 * 1024;
+
+/// Largest buffer a connection grows to. Large reads and writes cut syscalls per MiB for bulk
+/// streams; the loop and two copy buffers bound a connection's echo memory at three times this.
+pub const MAX_BUFFER: usize = 256 * 1024;
+
+/// How often a copying connection publishes its byte counts and checks whether it went quiet.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Serves one accepted client until it closes, fails, idles out, or the server forces a close.
+///
+/// `_permit` is this connection's slot under `--max-connections`; dropping it at the end of the
+/// task is what lets the listener accept the next client.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    let mut metrics = ConnectionMetrics::open(&shared.metrics);
+    let traffic = Traffic::default();
+    let mut echo =
+        Echo { stream, traffic: &traffic, shared: &shared, buffer: INITIAL_BUFFER, last_activity: started };
+    let reason = echo.run(&mut metrics).await;
+    let (received, sent) = traffic.totals();
+    metrics.close(reason, received, sent, started.elapsed());
+    debug!(
+        %peer,
+        received,
+        sent,
+        duration = ?started.elapsed(),
+        reason = reason.as_str(),
+        "connection closed"
+    );
+}
+
+/// Byte counts and flags of one connection, shared between the copy (which writes them) and
+/// the task's tick (which reads them). Only the connection's own task touches them, so the
+/// atomics are uncontended: single-writer loads and stores, no read-modify-write.
+#[derive(Default)]
+struct Traffic {
+    received: AtomicU64,
+    sent: AtomicU64,
+    /// The client's FIN has been read: the copy is finishing and must not be interrupted.
+    eof: AtomicBool,
+    /// A read filled the whole buffer: grow at the next balanced point.
+    grow: AtomicBool,
+}
+
+impl Traffic {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.store(counter.load(Relaxed) + n as u64, Relaxed);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (self.received.load(Relaxed), self.sent.load(Relaxed))
+    }
+
+    /// Every byte received has been echoed: nothing is buffered anywhere in the connection.
+    fn balanced(&self) -> bool {
+        let (received, sent) = self.totals();
+        received == sent
+    }
+}
+
+/// Why a copy phase ended without an error from the client.
+enum PhaseEnd {
+    /// Both directions finished: the client closed and got everything back.
+    Finished,
+    /// A read filled the buffer; start again with bigger buffers.
+    Grow,
+    /// No traffic for a tick and nothing buffered; free the buffers and wait.
+    Quiet,
+    /// Closed by the server: idle timeout or shutdown.
+    Closed(CloseReason),
+    /// The socket failed.
+    Failed(io::Error),
+}
+
+struct Echo<'a> {
+    stream: TcpStream,
+    traffic: &'a Traffic,
+    shared: &'a Shared,
+    /// Buffer size of the next copy phase.
+    buffer: usize,
+    /// The latest moment traffic was seen (or a tick that noticed it): the idle clock's start.
+    last_activity: Instant,
+}
+
+impl Echo<'_> {
+    async fn run(&mut self, metrics: &mut ConnectionMetrics<'_>) -> CloseReason {
+        loop {
+            if let Some(reason) = self.wait_for_data().await {
+                return reason;
+            }
+            match self.copy_phase(metrics).await {
+                PhaseEnd::Finished => return CloseReason::Eof,
+                PhaseEnd::Grow => self.buffer = (self.buffer * 4).min(MAX_BUFFER),
+                PhaseEnd::Quiet => {}
+                PhaseEnd::Closed(reason) => return reason,
+                PhaseEnd::Failed(err) => return CloseReason::from_io_error(&err),
+            }
+        }
+    }
+
+    /// The waiting phase: no buffers held. Returns `None` once the socket is readable (data,
+    /// FIN or RST: the copy phase will tell which), or the reason to close instead.
+    async fn wait_for_data(&mut self) -> Option<CloseReason> {
+        let idle_deadline = self.shared.idle_timeout.map(|t| self.last_activity + t);
+        tokio::select! {
+            biased;
+            () = self.shared.force_close.cancelled() => Some(CloseReason::Shutdown),
+            () = sleep_until_or_forever(idle_deadline) => Some(CloseReason::IdleTimeout),
+            ready = self.stream.readable() => match ready {
+                Ok(()) => {
+                    self.last_activity = Instant::now();
+                    None
+                }
+                Err(err) => Some(CloseReason::from_io_error(&err)),
+            },
+        }
+    }
+
+    /// The copying phase: `copy_bidirectional` between the socket and the loop, watched by a tick
+    /// that publishes counts, enforces the idle timeout and ends the phase when traffic stops.
+    async fn copy_phase(&mut self, metrics: &mut ConnectionMetrics<'_>) -> PhaseEnd {
+        let traffic = self.traffic;
+        let shared = self.shared;
+        let size = self.buffer;
+        let mut client = Metered::new(&mut self.stream, traffic, size < MAX_BUFFER);
+        let mut echo_loop = SimplexStream::new_unsplit(size);
+        let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut echo_loop, size, size);
+        tokio::pin!(copy);
+
+        let tick = shared.idle_timeout.map_or(TICK, |t| (t / 4).clamp(Duration::from_millis(10), TICK));
+        let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut seen = traffic.totals();
+        loop {
+            tokio::select! {
+                biased;
+                () = shared.force_close.cancelled() => return PhaseEnd::Closed(CloseReason::Shutdown),
+                result = &mut copy => {
+                    return match result {
+                        Ok(_) => PhaseEnd::Finished,
+                        Err(err) if GrowPoint::is(&err) => PhaseEnd::Grow,
+                        Err(err) => PhaseEnd::Failed(err),
+                    };
+                }
+                _ = ticker.tick() => {
+                    let now = traffic.totals();
+                    metrics.publish(now.0, now.1);
+                    if now != seen {
+                        seen = now;
+                        self.last_activity = Instant::now();
+                    } else if shared.idle_timeout.is_some_and(|t| self.last_activity.elapsed() >= t) {
+                        return PhaseEnd::Closed(CloseReason::IdleTimeout);
+                    } else if traffic.balanced() && !traffic.eof.load(Relaxed) {
+                        return PhaseEnd::Quiet;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_or_forever(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The error a [`Metered`] reader returns to stop a copy at a safe point so it can restart with
+/// bigger buffers. It never leaves this module.
+#[derive(Debug)]
+struct GrowPoint;
+
+impl GrowPoint {
+    fn error() -> io::Error {
+        io::Error::other(GrowPoint)
+    }
+
+    fn is(err: &io::Error) -> bool {
+        err.get_ref().is_some_and(|inner| inner.is::<GrowPoint>())
+    }
+}
+
+impl std::fmt::Display for GrowPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("buffer growth point")
+    }
+}
+
+impl std::error::Error for GrowPoint {}
+
+/// The client socket as the copy sees it: counts bytes in [`Traffic`], notes EOF, and notices
+/// reads that fill the whole buffer.
+struct Metered<'a> {
+    stream: &'a mut TcpStream,
+    traffic: &'a Traffic,
+    can_grow: bool,
+}
+
+impl<'a> Metered<'a> {
+    fn new(stream: &'a mut TcpStream, traffic: &'a Traffic, can_grow: bool) -> Self {
+        traffic.grow.store(false, Relaxed);
+        Metered { stream, traffic, can_grow }
+    }
+}
+
+impl AsyncRead for Metered<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let traffic = self.traffic;
+        // A read with everything echoed is the safe point to end the copy: both buffers and
+        // the loop are empty, so dropping the copy loses nothing.
+        if traffic.grow.load(Relaxed) && traffic.balanced() {
+            return Poll::Ready(Err(GrowPoint::error()));
+        }
+        let before = buf.filled().len();
+        let result = Pin::new(&mut *self.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            let n = buf.filled().len() - before;
+            if n == 0 {
+                traffic.eof.store(true, Relaxed);
+            } else {
+                Traffic::add(&traffic.received, n);
+                if self.can_grow && buf.remaining() == 0 && before == 0 {
+                    traffic.grow.store(true, Relaxed);
+                }
+            }
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Metered<'_> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut *self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            Traffic::add(&self.traffic.sent, n);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,81 @@
+//! echod: a production TCP echo server.
+//!
+//! The binary (`src/main.rs`) parses flags and calls [`run`]; everything else lives here so that
+//! tests and embedders drive the same code. Start with `ARCHITECTURE.md` for the map; in short:
+//!
+//! * [`config`]: flags and environment, validated;
+//! * [`server`]: binds, runs, coordinates the drain;
+//! * [`listener`]: sockets and the accept loop; [`accept_policy`]: what to do when accept fails;
+//! * [`connection`]: one client's whole life;
+//! * [`shutdown`]: the platform's stop requests; [`systemd`]: socket activation and notify;
+//! * [`metrics`]: names, recorder, handles; `http`: the /metrics, /healthz, /readyz endpoint;
+//! * [`telemetry`]: logs; [`rlimit`]: the open-files limit.
+
+use std::io;
+use std::net::SocketAddr;
+
+use tracing::{error, info};
+
+pub mod accept_policy;
+pub mod config;
+pub mod connection;
+mod http;
+pub mod listener;
+pub mod metrics;
+pub mod rlimit;
+pub mod server;
+pub mod shutdown;
+pub mod systemd;
+pub mod telemetry;
+
+pub use config::Config;
+pub use server::{DrainReport, Server, ServerHandle};
+
+/// Why echod could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot serve metrics on {addr} (--metrics-listen): {source}")]
+    MetricsBind { addr: SocketAddr, source: io::Error },
+    #[error("socket activation: {0}")]
+    SocketActivation(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+/// Runs echod as the binary does: installs signal handlers, binds, serves until SIGINT/SIGTERM
+/// (ctrl-c and friends on Windows), drains, returns. A second stop request exits the process at
+/// once with status 130 (SIGINT) or 143 (SIGTERM).
+pub async fn run(config: Config) -> Result<DrainReport, Error> {
+    let mut signals = shutdown::Signals::install().map_err(Error::Signals)?;
+    let server = Server::bind(&config)?;
+    for addr in server.local_addrs() {
+        info!(address = %addr, "listening");
+    }
+    if let Some(addr) = server.metrics_addr() {
+        info!(address = %addr, "serving /metrics, /healthz, /readyz");
+    }
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        workers = config.worker_threads(),
+        listeners = ?server.local_addrs(),
+        max_connections = server.max_connections(),
+        idle_timeout = ?config.idle_timeout.0,
+        shutdown_timeout = ?config.shutdown_timeout,
+        metrics = ?server.metrics_addr(),
+        "echod started"
+    );
+    let report = server
+        .run(async move {
+            let signal = signals.recv().await;
+            info!(signal = signal.name(), "stop requested; send it again to exit at once");
+            tokio::spawn(async move {
+                let signal = signals.recv().await;
+                error!(signal = signal.name(), "second stop request: exiting now");
+                std::process::exit(signal.forced_exit_code());
+            });
+        })
+        .await;
+    Ok(report)
+}

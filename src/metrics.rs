@@ -1,0 +1,329 @@
+//! Metric names, their help texts, the Prometheus recorder, and the handles the server updates.
+//!
+//! The names below are a public contract: dashboards, alert rules and users' queries depend on
+//! them. Change one only as a breaking change.
+//!
+//! Each server owns its own [`PrometheusRecorder`] rather than installing a process-global one:
+//! handles are registered against it with `metrics::with_local_recorder`, so several servers (and
+//! the tests that start them) can live in one process, each with exact counts of its own. With
+//! `--metrics-listen off` no recorder exists and every handle is a no-op.
+//!
+//! Hot paths never look a metric up by name: the server resolves every handle once, and a
+//! connection batches its byte counts and publishes them once per tick (see `connection`).
+
+use std::io;
+use std::time::Duration;
+
+use ::metrics::{
+    describe_counter, describe_gauge, describe_histogram, with_local_recorder, Counter, Gauge, Histogram,
+    Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+pub const CONNECTIONS_ACCEPTED: &str = "echod_connections_accepted_total";
+pub const CONNECTIONS_ACTIVE: &str = "echod_connections_active";
+pub const CONNECTIONS_CLOSED: &str = "echod_connections_closed_total";
+pub const BYTES_RECEIVED: &str = "echod_bytes_received_total";
+pub const BYTES_SENT: &str = "echod_bytes_sent_total";
+pub const CONNECTION_DURATION: &str = "echod_connection_duration_seconds";
+pub const ACCEPT_ERRORS: &str = "echod_accept_errors_total";
+pub const MAX_CONNECTIONS: &str = "echod_max_connections";
+pub const DRAINING: &str = "echod_draining";
+pub const BUILD_INFO: &str = "echod_build_info";
+pub const RUNTIME_WORKERS: &str = "echod_runtime_workers";
+pub const RUNTIME_ALIVE_TASKS: &str = "echod_runtime_alive_tasks";
+pub const RUNTIME_GLOBAL_QUEUE_DEPTH: &str = "echod_runtime_global_queue_depth";
+pub const RUNTIME_BUSY: &str = "echod_runtime_busy_seconds_total";
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+pub const PROCESS_THREADS: &str = "process_threads";
+
+/// Upper bounds of the connection-duration histogram: 1 ms to 1 h.
+pub const DURATION_BUCKETS: [f64; 16] =
+    [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+
+/// How a connection ended: the `reason` label of `echod_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed its side and received everything back.
+    Eof,
+    /// The client reset the connection or vanished mid-stream.
+    Reset,
+    /// No traffic in either direction for `--idle-timeout`.
+    IdleTimeout,
+    /// Still open when the shutdown timeout ran out.
+    Shutdown,
+    /// Any other socket error.
+    Error,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 5] = [
+        CloseReason::Eof,
+        CloseReason::Reset,
+        CloseReason::IdleTimeout,
+        CloseReason::Shutdown,
+        CloseReason::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Eof => "eof",
+            CloseReason::Reset => "reset",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error => "error",
+        }
+    }
+
+    /// Classifies a socket error: the peer going away is a reset, anything else an error.
+    pub fn from_io_error(err: &io::Error) -> CloseReason {
+        match err.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::TimedOut => CloseReason::Reset,
+            _ => CloseReason::Error,
+        }
+    }
+}
+
+/// The recorder of one server and the handle that renders it.
+pub struct Registry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Registry {
+    /// Builds a recorder with echod's histogram buckets and registers every description.
+    pub fn new() -> Registry {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.to_string()), &DURATION_BUCKETS)
+            .expect("DURATION_BUCKETS is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        with_local_recorder(&recorder, describe);
+        Registry { recorder, handle }
+    }
+
+    /// Renders the Prometheus text exposition: the recorded metrics, then the process and
+    /// runtime figures sampled now.
+    ///
+    /// Sampled figures are written directly rather than through the recorder because the
+    /// `metrics` counter type is an integer: CPU and busy seconds would lose their fractions.
+    pub fn render(&self) -> String {
+        let mut out = self.handle.render();
+        render_process(&mut out);
+        render_runtime(&mut out);
+        out
+    }
+
+    /// Housekeeping the exporter needs now and then (drains histogram buffers).
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        with_local_recorder(&self.recorder, f)
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+fn describe() {
+    describe_counter!(CONNECTIONS_ACCEPTED, Unit::Count, "Client connections accepted, by listener address.");
+    describe_gauge!(CONNECTIONS_ACTIVE, Unit::Count, "Client connections open now.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        Unit::Count,
+        "Client connections closed, by reason: eof, reset, idle_timeout, shutdown, error."
+    );
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Bytes received from clients.");
+    describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes echoed back to clients.");
+    describe_histogram!(CONNECTION_DURATION, Unit::Seconds, "Lifetime of closed client connections.");
+    describe_counter!(ACCEPT_ERRORS, Unit::Count, "Failed accepts, by kind of error.");
+    describe_gauge!(
+        MAX_CONNECTIONS,
+        Unit::Count,
+        "Most client connections served at once (--max-connections)."
+    );
+    describe_gauge!(DRAINING, "1 while the server drains for shutdown, else 0.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which echod this is.");
+    describe_gauge!(RUNTIME_WORKERS, Unit::Count, "Worker threads of the async runtime.");
+    describe_gauge!(RUNTIME_ALIVE_TASKS, Unit::Count, "Tasks alive in the async runtime.");
+    describe_gauge!(RUNTIME_GLOBAL_QUEUE_DEPTH, Unit::Count, "Tasks waiting in the runtime's global queue.");
+    describe_counter!(RUNTIME_BUSY, Unit::Seconds, "Time runtime workers spent busy, summed over workers.");
+}
+
+/// Appends one sampled metric (HELP, TYPE and value) in the text exposition format.
+fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    use std::fmt::Write;
+    // Writing to a String cannot fail.
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n");
+}
+
+/// Process figures under the standard names every Prometheus client library uses, gathered by
+/// `metrics-process` for each platform.
+fn render_process(out: &mut String) {
+    let p = metrics_process::collector::collect();
+    if let Some(v) = p.cpu_seconds_total {
+        sample(out, PROCESS_CPU, "counter", "Total user and system CPU time spent in seconds.", v);
+    }
+    let gauges = [
+        (PROCESS_OPEN_FDS, "Number of open file descriptors.", p.open_fds),
+        (PROCESS_MAX_FDS, "Maximum number of open file descriptors.", p.max_fds),
+        (PROCESS_RESIDENT_MEMORY, "Resident memory size in bytes.", p.resident_memory_bytes),
+        (PROCESS_VIRTUAL_MEMORY, "Virtual memory size in bytes.", p.virtual_memory_bytes),
+        (PROCESS_START_TIME, "Start time of the process since unix epoch in seconds.", p.start_time_seconds),
+        (PROCESS_THREADS, "Number of OS threads in the process.", p.threads),
+    ];
+    for (name, help, value) in gauges {
+        if let Some(v) = value {
+            sample(out, name, "gauge", help, v as f64);
+        }
+    }
+}
+
+/// The stable tokio runtime metrics of the runtime this is called on.
+fn render_runtime(out: &mut String) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let m = runtime.metrics();
+    let busy: Duration = (0..m.num_workers()).map(|w| m.worker_total_busy_duration(w)).sum();
+    sample(out, RUNTIME_WORKERS, "gauge", "Worker threads of the async runtime.", m.num_workers() as f64);
+    sample(
+        out,
+        RUNTIME_ALIVE_TASKS,
+        "gauge",
+        "Tasks alive in the async runtime.",
+        m.num_alive_tasks() as f64,
+    );
+    sample(
+        out,
+        RUNTIME_GLOBAL_QUEUE_DEPTH,
+        "gauge",
+        "Tasks waiting in the runtime's global queue.",
+        m.global_queue_depth() as f64,
+    );
+    sample(
+        out,
+        RUNTIME_BUSY,
+        "counter",
+        "Time runtime workers spent busy in seconds, summed over workers.",
+        busy.as_secs_f64(),
+    );
+}
+
+/// The handles the server updates, resolved once at start.
+pub struct ServerMetrics {
+    registry: Option<Registry>,
+    active: Gauge,
+    closed: [Counter; 5],
+    bytes_received: Counter,
+    bytes_sent: Counter,
+    duration: Histogram,
+    draining: Gauge,
+}
+
+impl ServerMetrics {
+    /// Handles on `registry`, or no-op handles when metrics are off.
+    pub fn new(registry: Option<Registry>, max_connections: usize) -> ServerMetrics {
+        let register = || ServerMetrics {
+            registry: None,
+            active: ::metrics::gauge!(CONNECTIONS_ACTIVE),
+            closed: CloseReason::ALL.map(|r| ::metrics::counter!(CONNECTIONS_CLOSED, "reason" => r.as_str())),
+            bytes_received: ::metrics::counter!(BYTES_RECEIVED),
+            bytes_sent: ::metrics::counter!(BYTES_SENT),
+            duration: ::metrics::histogram!(CONNECTION_DURATION),
+            draining: ::metrics::gauge!(DRAINING),
+        };
+        let build_info = || {
+            ::metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            ::metrics::gauge!(MAX_CONNECTIONS).set(max_connections as f64);
+        };
+        match registry {
+            Some(registry) => {
+                let mut metrics = registry.with(|| {
+                    build_info();
+                    register()
+                });
+                metrics.draining.set(0.0);
+                metrics.active.set(0.0);
+                metrics.registry = Some(registry);
+                metrics
+            }
+            None => register(),
+        }
+    }
+
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
+    }
+
+    /// The accepted-connections counter of one listener.
+    pub fn accepted(&self, listener: &str) -> Counter {
+        let label = listener.to_string();
+        self.with(|| ::metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label))
+    }
+
+    /// Counts one failed accept of the given kind (rare: looked up by name).
+    pub fn accept_error(&self, kind: &'static str) {
+        self.with(|| ::metrics::counter!(ACCEPT_ERRORS, "kind" => kind).increment(1));
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.set(if draining { 1.0 } else { 0.0 });
+    }
+
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.registry {
+            Some(registry) => registry.with(f),
+            None => f(),
+        }
+    }
+}
+
+/// One connection's view of the metrics: opened on accept, published per tick, closed once.
+pub struct ConnectionMetrics<'a> {
+    metrics: &'a ServerMetrics,
+    published_received: u64,
+    published_sent: u64,
+}
+
+impl<'a> ConnectionMetrics<'a> {
+    pub fn open(metrics: &'a ServerMetrics) -> Self {
+        metrics.active.increment(1.0);
+        ConnectionMetrics { metrics, published_received: 0, published_sent: 0 }
+    }
+
+    /// Adds what the connection moved since the last call to the shared byte counters.
+    pub fn publish(&mut self, received: u64, sent: u64) {
+        if received > self.published_received {
+            self.metrics.bytes_received.increment(received - self.published_received);
+            self.published_received = received;
+        }
+        if sent > self.published_sent {
+            self.metrics.bytes_sent.increment(sent - self.published_sent);
+            self.published_sent = sent;
+        }
+    }
+
+    /// Publishes the final counts and records how and after how long the connection ended.
+    pub fn close(mut self, reason: CloseReason, received: u64, sent: u64, lifetime: Duration) {
+        self.publish(received, sent);
+        let index = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(4);
+        self.metrics.closed[index].increment(1);
+        self.metrics.duration.record(lifetime.as_secs_f64());
+        self.metrics.active.decrement(1.0);
+    }
+}

@@ -1,0 +1,307 @@
+//! Shared test support: start echod (in-process or as the built binary) on loopback port 0,
+//! and talk to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use echod::{Config, DrainReport, Server, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long any single wait in a test may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Multiplier for test sizes and counts: `ECHOD_TEST_SCALE=0.1` shrinks the bulk tests for slow
+/// environments (such as Windows binaries under Wine). Never below a floor that keeps each test
+/// meaningful.
+pub fn scale(n: usize, floor: usize) -> usize {
+    let factor: f64 = std::env::var("ECHOD_TEST_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    ((n as f64 * factor) as usize).max(floor)
+}
+
+/// An in-process echod on 127.0.0.1:0.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub handle: ServerHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<DrainReport>,
+}
+
+/// The loopback configuration with `args` applied as if given on the command line.
+pub fn config(args: &[&str]) -> Config {
+    use clap::Parser;
+    let mut argv = vec!["echod", "--listen", "127.0.0.1:0", "--metrics-listen", "off"];
+    argv.extend_from_slice(args);
+    Config::try_parse_from(argv).expect("test arguments parse")
+}
+
+impl TestServer {
+    pub async fn start(args: &[&str]) -> TestServer {
+        TestServer::start_with(config(args)).await
+    }
+
+    pub async fn start_with(config: Config) -> TestServer {
+        let server = Server::bind(&config).expect("bind on loopback");
+        let addr = server.local_addrs()[0];
+        let metrics_addr = server.metrics_addr();
+        let handle = server.handle();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, metrics_addr, handle, stop: Some(stop), task }
+    }
+
+    /// Starts the drain (as a signal would) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Starts the drain and waits for the server to finish it.
+    pub async fn shutdown(mut self) -> DrainReport {
+        self.begin_shutdown();
+        tokio::time::timeout(TIMEOUT, self.task).await.expect("server stops in time").expect("server task")
+    }
+
+    /// Waits for the drain to finish after [`begin_shutdown`](Self::begin_shutdown).
+    pub async fn finished(self) -> DrainReport {
+        tokio::time::timeout(TIMEOUT, self.task).await.expect("server stops in time").expect("server task")
+    }
+
+    pub async fn connect(&self) -> TcpStream {
+        connect(self.addr).await
+    }
+
+    /// The rendered metrics (the server must have been started with metrics on).
+    pub fn metrics(&self) -> String {
+        self.handle.render_metrics().expect("metrics are on")
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect succeeds")
+}
+
+/// Sends `data` and reads the same number of bytes back, writing and reading concurrently so
+/// that payloads larger than the socket buffers cannot deadlock.
+pub async fn echo(stream: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut reader, mut writer) = stream.split();
+    let write = async {
+        writer.write_all(data).await.expect("write");
+    };
+    let read = async {
+        let mut back = vec![0u8; data.len()];
+        reader.read_exact(&mut back).await.expect("read the echo");
+        back
+    };
+    let ((), back) =
+        tokio::time::timeout(TIMEOUT, async { tokio::join!(write, read) }).await.expect("echo in time");
+    back
+}
+
+/// Reads until EOF (bounded in time) and returns what came.
+pub async fn read_to_eof(stream: &mut TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .expect("EOF in time")
+        .expect("clean EOF");
+    rest
+}
+
+/// Makes dropping `stream` send an RST instead of a FIN.
+pub fn set_reset_on_close(stream: &TcpStream) {
+    socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
+}
+
+/// Deterministic bytes covering every byte value, different per `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8).wrapping_add(i as u8)
+        })
+        .collect()
+}
+
+/// The value of one sample in a Prometheus text exposition, summed over every series whose
+/// name and labels match (`labels` is a substring of the label set, e.g. `reason="eof"`).
+pub fn metric(exposition: &str, name: &str, labels: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l),
+                None => (series, ""),
+            };
+            (series_name == name && series_labels.contains(labels)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A minimal HTTP/1.0 GET: returns the status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = connect(addr).await;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send request");
+    let response = String::from_utf8_lossy(&read_to_eof(&mut stream).await).into_owned();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `check` every 10 ms until it holds, failing after `TIMEOUT`. For state that has no
+/// event to await (a counter reaching a value in another task).
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The built `echod` binary, running, with the addresses it logged.
+pub struct Binary {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    /// Every stderr line after start-up, as it arrives.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Binary {
+    /// Starts `echod --listen 127.0.0.1:0 ARGS` and waits for its start-up line.
+    pub fn start(args: &[&str]) -> Binary {
+        Binary::start_command(Binary::command(args))
+    }
+
+    pub fn command(args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_echod"));
+        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        command.env("RUST_LOG", "info").env("NO_COLOR", "1").stdin(Stdio::null()).stdout(Stdio::null());
+        command.stderr(Stdio::piped());
+        command
+    }
+
+    pub fn start_command(mut command: Command) -> Binary {
+        let mut child = command.spawn().expect("start echod");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut metrics_addr = None;
+        loop {
+            let line = log.recv_timeout(TIMEOUT).expect("echod logs its start-up line");
+            if line.contains("listening") && addr.is_none() {
+                addr = find_addr(&line);
+            } else if line.contains("serving /metrics") {
+                metrics_addr = find_addr(&line);
+            } else if line.contains("echod started") {
+                break;
+            }
+        }
+        Binary { child, addr: addr.expect("a listening line"), metrics_addr, log }
+    }
+
+    /// Waits for a log line containing `needle`, returning it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.log.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Sends a Unix signal to the process.
+    #[cfg(unix)]
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a PID this test started.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(std::time::Instant::now() < deadline, "echod did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The first `IP:PORT` in a log line.
+pub fn find_addr(line: &str) -> Option<SocketAddr> {
+    line.split(|c: char| c.is_whitespace() || c == '=' || c == '"' || c == ',')
+        .find_map(|word| word.parse().ok())
+}
+
+/// Runs the binary to completion with `args` (no implicit --listen) and returns (code, stderr).
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echod"));
+    command
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start echod");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("echod {args:?} did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().map(|mut s| s.read_to_string(&mut out));
+    child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    (status.code(), out + &err)
+}
