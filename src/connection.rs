@@ -151,7 +151,12 @@ impl Echo<'_> {
             if let Some(reason) = self.wait_for_data().await {
                 return reason;
             }
-            match self.copy_phase(metrics).await {
+            let end = self.copy_phase(metrics).await;
+            // A phase can end between ticks (at a growth point); publish what it moved so the
+            // counters stay live while the connection waits.
+            let (received, sent) = self.traffic.totals();
+            metrics.publish(received, sent);
+            match end {
                 PhaseEnd::Finished => return CloseReason::Eof,
                 PhaseEnd::Grow => self.buffer = (self.buffer * 4).min(MAX_BUFFER),
                 PhaseEnd::Quiet => {}

@@ -172,5 +172,7 @@ async fn connection_echoes_across_idle_periods_and_buffer_growth() {
     let bulk = pattern(scale(4 << 20, 1 << 20), 3);
     assert!(echo(&mut stream, &bulk).await == bulk);
     assert_eq!(echo(&mut stream, b"small again").await, b"small again");
+    stream.shutdown().await.unwrap();
+    assert!(read_to_eof(&mut stream).await.is_empty());
     server.shutdown().await;
 }

@@ -37,7 +37,14 @@ pub struct TestServer {
 /// The loopback configuration with `args` applied as if given on the command line.
 pub fn config(args: &[&str]) -> Config {
     use clap::Parser;
-    let mut argv = vec!["echod", "--listen", "127.0.0.1:0", "--metrics-listen", "off"];
+    let mut argv = vec!["echod", "--listen", "127.0.0.1:0"];
+    // Metrics off unless asked for, and a short drain timeout, so a test that forgets a client
+    // costs seconds, not the default 25 s.
+    for (flag, value) in [("--metrics-listen", "off"), ("--shutdown-timeout", "5s")] {
+        if !args.contains(&flag) {
+            argv.extend([flag, value]);
+        }
+    }
     argv.extend_from_slice(args);
     Config::try_parse_from(argv).expect("test arguments parse")
 }
