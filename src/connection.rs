@@ -37,6 +37,7 @@
 //! The same tick publishes the connection's byte counts to the shared metrics, so counters are
 //! live (at most a tick stale) without a shared atomic being touched on every read.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -51,7 +52,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::debug;
 
-use crate::metrics::{CloseReason, ConnectionMetrics};
+use crate::metrics::{CloseReason, Published};
 use crate::server::Shared;
 
 /// Buffer size a connection starts with: one page, enough for typical request/response sizes.
@@ -61,35 +62,34 @@ pub const INITIAL_BUFFER: usize = 4 * 1024;
 /// streams; the loop and two copy buffers bound a connection's echo memory at three times this.
 pub const MAX_BUFFER: usize = 256 * 1024;
 
-/// How often a copying connection publishes its byte counts and checks whether it went quiet.
+/// How often a copying connection publishes its byte counts, checks whether it went quiet, and
+/// checks for the forced close at the end of a drain.
 const TICK: Duration = Duration::from_secs(1);
 
 /// Serves one accepted client until it closes, fails, idles out, or the server forces a close.
 ///
-/// `_permit` is this connection's slot under `--max-connections`; dropping it at the end of the
-/// task is what lets the listener accept the next client.
-pub(crate) async fn serve(
+/// `permit` is this connection's slot under `--max-connections`; it is released when the task
+/// ends, which is what lets the listener accept the next client. Everything the connection needs
+/// is moved into one struct here, outside the async body, so the task stores each piece once.
+pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
-) {
+) -> impl Future<Output = ()> + Send {
     let started = Instant::now();
-    let mut metrics = ConnectionMetrics::open(&shared.metrics);
-    let traffic = Traffic::default();
-    let mut echo =
-        Echo { stream, traffic: &traffic, shared: &shared, buffer: INITIAL_BUFFER, last_activity: started };
-    let reason = echo.run(&mut metrics).await;
-    let (received, sent) = traffic.totals();
-    metrics.close(reason, received, sent, started.elapsed());
-    debug!(
-        %peer,
-        received,
-        sent,
-        duration = ?started.elapsed(),
-        reason = reason.as_str(),
-        "connection closed"
-    );
+    let connection = Connection {
+        stream,
+        peer,
+        _permit: permit,
+        shared,
+        traffic: Traffic::default(),
+        published: Published::default(),
+        buffer: INITIAL_BUFFER,
+        started,
+        last_activity: started,
+    };
+    connection.run()
 }
 
 /// Byte counts and flags of one connection, shared between the copy (which writes them) and
@@ -135,27 +135,43 @@ enum PhaseEnd {
     Failed(io::Error),
 }
 
-struct Echo<'a> {
+/// One client's connection and everything its task owns.
+struct Connection {
     stream: TcpStream,
-    traffic: &'a Traffic,
-    shared: &'a Shared,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    traffic: Traffic,
+    published: Published,
     /// Buffer size of the next copy phase.
     buffer: usize,
+    started: Instant,
     /// The latest moment traffic was seen (or a tick that noticed it): the idle clock's start.
     last_activity: Instant,
 }
 
-impl Echo<'_> {
-    async fn run(&mut self, metrics: &mut ConnectionMetrics<'_>) -> CloseReason {
+impl Connection {
+    async fn run(mut self) {
+        self.shared.metrics.connection_opened();
+        let reason = self.echo().await;
+        let (received, sent) = self.traffic.totals();
+        let lifetime = self.started.elapsed();
+        self.shared.metrics.connection_closed(&mut self.published, reason, received, sent, lifetime);
+        debug!(peer = %self.peer, received, sent, duration = ?lifetime, reason = reason.as_str(), "connection closed");
+    }
+
+    /// Alternates waiting and copying phases until the connection ends; returns why it ended.
+    async fn echo(&mut self) -> CloseReason {
         loop {
             if let Some(reason) = self.wait_for_data().await {
                 return reason;
             }
-            let end = self.copy_phase(metrics).await;
+            // Boxed: the copy's state (buffers' headers, loop, timer) exists only while copying,
+            // so a waiting connection's task stays small.
+            let end = Box::pin(self.copy_phase()).await;
             // A phase can end between ticks (at a growth point); publish what it moved so the
             // counters stay live while the connection waits.
-            let (received, sent) = self.traffic.totals();
-            metrics.publish(received, sent);
+            self.publish();
             match end {
                 PhaseEnd::Finished => return CloseReason::Eof,
                 PhaseEnd::Grow => self.buffer = (self.buffer * 4).min(MAX_BUFFER),
@@ -166,31 +182,49 @@ impl Echo<'_> {
         }
     }
 
+    fn publish(&mut self) {
+        let (received, sent) = self.traffic.totals();
+        self.shared.metrics.publish(&mut self.published, received, sent);
+    }
+
     /// The waiting phase: no buffers held. Returns `None` once the socket is readable (data,
     /// FIN or RST: the copy phase will tell which), or the reason to close instead.
+    ///
+    /// Written with `poll_read_ready`, which parks the task's waker in the socket's own
+    /// registration, rather than a `readable()` future carrying a waiter of its own: this state
+    /// is what every idle connection holds, so every byte of it counts.
     async fn wait_for_data(&mut self) -> Option<CloseReason> {
-        let idle_deadline = self.shared.idle_timeout.map(|t| self.last_activity + t);
-        tokio::select! {
-            biased;
-            () = self.shared.force_close.cancelled() => Some(CloseReason::Shutdown),
-            () = sleep_until_or_forever(idle_deadline) => Some(CloseReason::IdleTimeout),
-            ready = self.stream.readable() => match ready {
-                Ok(()) => {
-                    self.last_activity = Instant::now();
-                    None
+        let mut idle =
+            self.shared.idle_timeout.map(|t| Box::pin(tokio::time::sleep_until(self.last_activity + t)));
+        let mut force_close = std::pin::pin!(self.shared.force_close.cancelled());
+        let stream = &self.stream;
+        let ready = std::future::poll_fn(|cx| {
+            if force_close.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(CloseReason::Shutdown));
+            }
+            if let Some(idle) = idle.as_mut() {
+                if idle.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(CloseReason::IdleTimeout));
                 }
-                Err(err) => Some(CloseReason::from_io_error(&err)),
-            },
+            }
+            stream.poll_read_ready(cx).map(|ready| ready.map_err(|err| CloseReason::from_io_error(&err)))
+        })
+        .await;
+        match ready {
+            Ok(()) => {
+                self.last_activity = Instant::now();
+                None
+            }
+            Err(reason) => Some(reason),
         }
     }
 
     /// The copying phase: `copy_bidirectional` between the socket and the loop, watched by a tick
     /// that publishes counts, enforces the idle timeout and ends the phase when traffic stops.
-    async fn copy_phase(&mut self, metrics: &mut ConnectionMetrics<'_>) -> PhaseEnd {
-        let traffic = self.traffic;
-        let shared = self.shared;
-        let size = self.buffer;
-        let mut client = Metered::new(&mut self.stream, traffic, size < MAX_BUFFER);
+    async fn copy_phase(&mut self) -> PhaseEnd {
+        let Connection { stream, traffic, shared, published, last_activity, buffer, .. } = self;
+        let size = *buffer;
+        let mut client = Metered::new(stream, traffic, size < MAX_BUFFER);
         let mut echo_loop = SimplexStream::new_unsplit(size);
         let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut echo_loop, size, size);
         tokio::pin!(copy);
@@ -200,9 +234,11 @@ impl Echo<'_> {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seen = traffic.totals();
         loop {
+            // The forced close at the end of a drain is checked on the tick, not raced here: a
+            // cancellation future locks the token's shared mutex every time it is polled, and
+            // this select is polled on every wake of every busy connection.
             tokio::select! {
                 biased;
-                () = shared.force_close.cancelled() => return PhaseEnd::Closed(CloseReason::Shutdown),
                 result = &mut copy => {
                     return match result {
                         Ok(_) => PhaseEnd::Finished,
@@ -212,11 +248,14 @@ impl Echo<'_> {
                 }
                 _ = ticker.tick() => {
                     let now = traffic.totals();
-                    metrics.publish(now.0, now.1);
+                    shared.metrics.publish(published, now.0, now.1);
+                    if shared.force_close.is_cancelled() {
+                        return PhaseEnd::Closed(CloseReason::Shutdown);
+                    }
                     if now != seen {
                         seen = now;
-                        self.last_activity = Instant::now();
-                    } else if shared.idle_timeout.is_some_and(|t| self.last_activity.elapsed() >= t) {
+                        *last_activity = Instant::now();
+                    } else if shared.idle_timeout.is_some_and(|t| last_activity.elapsed() >= t) {
                         return PhaseEnd::Closed(CloseReason::IdleTimeout);
                     } else if traffic.balanced() && !traffic.eof.load(Relaxed) {
                         return PhaseEnd::Quiet;
@@ -224,13 +263,6 @@ impl Echo<'_> {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until_or_forever(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -316,5 +348,42 @@ impl AsyncWrite for Metered<'_> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use tokio::sync::Semaphore;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::metrics::ServerMetrics;
+
+    /// The task of an idle connection is what every held connection costs (besides the kernel's
+    /// socket): keep it small. The copy phase's state is boxed and exists only while copying.
+    #[tokio::test]
+    async fn a_connection_task_is_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let shared = Arc::new(Shared {
+            limit: Arc::new(Semaphore::new(1)),
+            tracker: TaskTracker::new(),
+            force_close: CancellationToken::new(),
+            idle_timeout: None,
+            tcp_keepalive: None,
+            metrics: ServerMetrics::new(None, 1),
+            draining: AtomicBool::new(false),
+            listeners_closed: CancellationToken::new(),
+        });
+        let permit = shared.limit.clone().acquire_owned().await.unwrap();
+        let task = serve(stream, peer, permit, shared);
+        let size = std::mem::size_of_val(&task);
+        println!("connection task future: {size} bytes");
+        assert!(size <= 600, "connection task future is {size} bytes");
+        drop((task, client));
     }
 }

@@ -293,37 +293,45 @@ impl ServerMetrics {
     }
 }
 
-/// One connection's view of the metrics: opened on accept, published per tick, closed once.
-pub struct ConnectionMetrics<'a> {
-    metrics: &'a ServerMetrics,
-    published_received: u64,
-    published_sent: u64,
+/// What one connection has already added to the shared byte counters. Kept by the connection
+/// (not a reference into the server) so a connection's task stays small and self-contained.
+#[derive(Debug, Default)]
+pub struct Published {
+    received: u64,
+    sent: u64,
 }
 
-impl<'a> ConnectionMetrics<'a> {
-    pub fn open(metrics: &'a ServerMetrics) -> Self {
-        metrics.active.increment(1.0);
-        ConnectionMetrics { metrics, published_received: 0, published_sent: 0 }
+impl ServerMetrics {
+    /// A connection was accepted and its task started.
+    pub fn connection_opened(&self) {
+        self.active.increment(1.0);
     }
 
-    /// Adds what the connection moved since the last call to the shared byte counters.
-    pub fn publish(&mut self, received: u64, sent: u64) {
-        if received > self.published_received {
-            self.metrics.bytes_received.increment(received - self.published_received);
-            self.published_received = received;
+    /// Adds what a connection moved since its last call to the shared byte counters.
+    pub fn publish(&self, published: &mut Published, received: u64, sent: u64) {
+        if received > published.received {
+            self.bytes_received.increment(received - published.received);
+            published.received = received;
         }
-        if sent > self.published_sent {
-            self.metrics.bytes_sent.increment(sent - self.published_sent);
-            self.published_sent = sent;
+        if sent > published.sent {
+            self.bytes_sent.increment(sent - published.sent);
+            published.sent = sent;
         }
     }
 
-    /// Publishes the final counts and records how and after how long the connection ended.
-    pub fn close(mut self, reason: CloseReason, received: u64, sent: u64, lifetime: Duration) {
-        self.publish(received, sent);
+    /// Publishes a connection's final counts and records how and after how long it ended.
+    pub fn connection_closed(
+        &self,
+        published: &mut Published,
+        reason: CloseReason,
+        received: u64,
+        sent: u64,
+        lifetime: Duration,
+    ) {
+        self.publish(published, received, sent);
         let index = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(4);
-        self.metrics.closed[index].increment(1);
-        self.metrics.duration.record(lifetime.as_secs_f64());
-        self.metrics.active.decrement(1.0);
+        self.closed[index].increment(1);
+        self.duration.record(lifetime.as_secs_f64());
+        self.active.decrement(1.0);
     }
 }

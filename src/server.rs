@@ -33,7 +33,8 @@ use crate::config::Config;
 use crate::metrics::{Registry, ServerMetrics};
 use crate::{http, listener, rlimit, systemd, Error};
 
-/// After the shutdown timeout, how long closed connections get to finish their tasks.
+/// After the shutdown timeout, how long connections get to notice the forced close (a copying
+/// connection checks once per tick, 1 s) and finish their tasks.
 const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// State every task of the server can see. Nothing in it belongs to one connection.

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{echo, eventually, http_get, metric, pattern, read_to_eof, set_reset_on_close, TestServer, TIMEOUT};
+use common::{
+    echo, eventually, http_get, metric, pattern, read_to_eof, set_reset_on_close, TestServer, TIMEOUT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const METRICS_ON: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
@@ -44,7 +46,9 @@ async fn totals_are_exact_after_traffic_stops() {
     // The same exposition is served over HTTP, with HELP and TYPE for each family.
     let (status, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
     assert_eq!(status, 200);
-    for family in ["echod_bytes_received_total", "echod_connection_duration_seconds", "process_cpu_seconds_total"] {
+    for family in
+        ["echod_bytes_received_total", "echod_connection_duration_seconds", "process_cpu_seconds_total"]
+    {
         assert!(body.contains(&format!("# HELP {family} ")), "no HELP for {family}");
         assert!(body.contains(&format!("# TYPE {family} ")), "no TYPE for {family}");
     }
@@ -65,8 +69,10 @@ async fn byte_counters_are_live_during_a_long_connection() {
         metric(&server.metrics(), "echod_bytes_received_total", "") >= 100_000.0
     })
     .await;
-    eventually("sent published while open", || metric(&server.metrics(), "echod_bytes_sent_total", "") >= 100_000.0)
-        .await;
+    eventually("sent published while open", || {
+        metric(&server.metrics(), "echod_bytes_sent_total", "") >= 100_000.0
+    })
+    .await;
     assert_eq!(server.handle.active_connections(), 1, "the connection is still open");
     assert_eq!(metric(&server.metrics(), "echod_connections_active", ""), 1.0);
 
@@ -134,7 +140,9 @@ async fn endpoint_answers_health_404_and_garbage_without_disturbing_echo() {
     // Garbage instead of HTTP, and a client that connects and says nothing.
     let mut garbage = common::connect(http).await;
     garbage.write_all(&pattern(10_000, 99)).await.unwrap();
-    let _ = tokio::time::timeout(TIMEOUT, garbage.read_to_end(&mut Vec::new())).await.expect("garbage is dropped");
+    let _ = tokio::time::timeout(TIMEOUT, garbage.read_to_end(&mut Vec::new()))
+        .await
+        .expect("garbage is dropped");
     let _silent = common::connect(http).await;
 
     assert_eq!(echo(&mut client, b"unaffected").await, b"unaffected");
@@ -148,9 +156,15 @@ async fn endpoint_answers_health_404_and_garbage_without_disturbing_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closes_are_counted_by_reason() {
     let idle = Duration::from_millis(300);
-    let mut server =
-        TestServer::start(&["--metrics-listen", "127.0.0.1:0", "--idle-timeout", "300ms", "--shutdown-timeout", "200ms"])
-            .await;
+    let mut server = TestServer::start(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "300ms",
+        "--shutdown-timeout",
+        "200ms",
+    ])
+    .await;
     let reason = |m: &str, r: &str| metric(m, "echod_connections_closed_total", &format!("reason=\"{r}\""));
 
     // eof: the client closes after its echo.
