@@ -1,0 +1,261 @@
+//! Memory stays bounded: a client that sends without reading is held back by TCP flow control
+//! rather than buffered in echod, and idle connections cost little once their buffers are
+//! released. Measured from echod's resident set size (VmRSS in /proc/PID/status).
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{pattern, Binary, TIMEOUT};
+
+const MIB: usize = 1024 * 1024;
+const KIB: usize = 1024;
+
+/// echod's resident set size in bytes.
+fn rss(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    let kib: usize = line.split_whitespace().nth(1).expect("VmRSS value").parse().expect("VmRSS number");
+    kib * KIB
+}
+
+fn connect(addr: std::net::SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    stream
+}
+
+/// A byte stream that repeats a pattern with an odd period, so misplaced, lost or duplicated
+/// chunks never line up with the expected bytes by accident.
+struct Cyclic {
+    /// One period followed by the start of the next, so any `CHUNK` bytes from any offset are
+    /// one contiguous slice.
+    bytes: Vec<u8>,
+    period: usize,
+}
+
+const CHUNK: usize = 64 * KIB;
+
+impl Cyclic {
+    fn new(period: usize, seed: u64) -> Cyclic {
+        let mut bytes = pattern(period, seed);
+        bytes.extend_from_within(..CHUNK);
+        Cyclic { bytes, period }
+    }
+
+    /// The `len` (≤ CHUNK) bytes of the stream starting at `offset`.
+    fn at(&self, offset: u64, len: usize) -> &[u8] {
+        let start = (offset % self.period as u64) as usize;
+        &self.bytes[start..start + len]
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_is_held_back_not_buffered() {
+    const MAX_ATTEMPT: u64 = 400 * MIB as u64;
+    const MAX_TIME: Duration = Duration::from_secs(20);
+    const STALL: Duration = Duration::from_secs(1);
+
+    let echod = Binary::start(&["--metrics-listen", "off"]);
+    let pid = echod.child.id();
+    // Warm the process up (runtime threads, first connection) before taking the baseline.
+    let mut warm = connect(echod.addr);
+    warm.write_all(b"warm").unwrap();
+    warm.read_exact(&mut [0u8; 4]).unwrap();
+    drop(warm);
+    let rss_before = rss(pid);
+
+    // The slow reader: writes until a write makes no progress for STALL.
+    let stream = Cyclic::new(MIB - 3, 42);
+    let mut slow = connect(echod.addr);
+    slow.set_write_timeout(Some(STALL)).unwrap();
+    let started = Instant::now();
+    let mut written: u64 = 0;
+    loop {
+        assert!(written < MAX_ATTEMPT, "echod took {written} bytes from a client that never reads");
+        assert!(started.elapsed() < MAX_TIME, "still writing after {MAX_TIME:?} ({written} bytes)");
+        match slow.write(stream.at(written, CHUNK)) {
+            Ok(0) => panic!("write returned 0"),
+            Ok(n) => written += n as u64,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("slow writer: {e}"),
+        }
+    }
+    let stalled_after = started.elapsed();
+    let mut rss_stalled = rss(pid);
+
+    // With the slow reader's connection backed up all the way, another client is served as
+    // usual.
+    let mut other = connect(echod.addr);
+    let round_trips = Instant::now();
+    for round in 0..100u64 {
+        let data = pattern(1000, round);
+        other.write_all(&data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        other.read_exact(&mut back).unwrap();
+        assert_eq!(back, data, "round {round}");
+    }
+    let round_trips = round_trips.elapsed();
+    drop(other);
+    rss_stalled = rss_stalled.max(rss(pid));
+
+    let growth = rss_stalled.saturating_sub(rss_before);
+    println!(
+        "slow reader: writer stalled after {:.1} MiB accepted in {:?}; echod RSS {:.1} MiB -> {:.1} MiB (growth {:.2} MiB); 100 round trips on another client took {:?}",
+        written as f64 / MIB as f64,
+        stalled_after,
+        rss_before as f64 / MIB as f64,
+        rss_stalled as f64 / MIB as f64,
+        growth as f64 / MIB as f64,
+        round_trips
+    );
+    assert!(growth < 32 * MIB, "echod grew by {growth} bytes holding a slow reader's data");
+    assert!(
+        written < 64 * MIB as u64,
+        "{written} bytes accepted from a client that never reads: more than socket buffers plus echod's bounded buffers"
+    );
+
+    // Now read everything back: exactly what was sent, in order, then EOF.
+    slow.set_read_timeout(Some(TIMEOUT)).unwrap();
+    slow.shutdown(Shutdown::Write).unwrap();
+    let mut received: u64 = 0;
+    let mut buf = vec![0u8; CHUNK];
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        assert!(Instant::now() < deadline, "reading back took too long ({received} of {written} bytes)");
+        let n = match slow.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => panic!("reading back after {received} of {written} bytes: {e}"),
+        };
+        if n == 0 {
+            break;
+        }
+        assert!(received + n as u64 <= written, "more bytes came back than were sent");
+        assert!(buf[..n] == *stream.at(received, n), "echoed bytes differ near offset {received}");
+        received += n as u64;
+    }
+    assert_eq!(received, written, "EOF before every byte came back");
+    drop(echod);
+}
+
+/// Raises this process's soft open-files limit to the hard one (the test holds many sockets).
+fn raise_open_files_limit() -> usize {
+    // SAFETY: getrlimit/setrlimit only read and write the struct given.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        limit.rlim_cur as usize
+    }
+}
+
+/// Opens `count` connections to `addr`, echoing one byte on each, and keeps them open.
+fn open_idle(addr: std::net::SocketAddr, count: usize, into: &mut Vec<TcpStream>) {
+    for i in 0..count {
+        let mut client = connect(addr);
+        client.write_all(&[i as u8]).unwrap();
+        let mut back = [0u8; 1];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(back[0], i as u8);
+        into.push(client);
+    }
+}
+
+/// Polls echod's RSS (bounded) until the cost of `count` connections over `baseline` is under
+/// `limit` bytes each and has stopped falling, as their buffers are released; returns the last
+/// cost seen and how long the release took.
+fn settled_cost(pid: u32, baseline: usize, count: usize, limit: usize) -> (usize, Duration) {
+    let started = Instant::now();
+    // Buffers are freed after a quiet tick (1-2 s).
+    let deadline = started + Duration::from_secs(6);
+    let mut previous = usize::MAX;
+    loop {
+        let per_connection = rss(pid).saturating_sub(baseline) / count;
+        let settled = per_connection < limit && per_connection >= previous;
+        if settled || Instant::now() >= deadline {
+            return (per_connection, started.elapsed());
+        }
+        previous = per_connection;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Idle connections hold no echo buffers: their cost is the task and the socket registration.
+///
+/// echod frees a connection's buffers after a quiet tick, and (on glibc) maps each buffer on its
+/// own so that freeing it returns it to the system: RSS falls back once the echoes are done.
+///
+/// Two batches: the first pays one-time growth (the runtime's I/O tables, allocator arenas);
+/// the second, opened while the first stays open, measures the marginal cost of one more idle
+/// connection.
+#[test]
+fn idle_connections_cost_little_memory() {
+    const BATCH: usize = 1000;
+    /// Marginal cost of an idle connection.
+    const PER_CONNECTION_LIMIT: usize = 2 * KIB;
+    /// Cost of the first batch, including one-time growth.
+    const FIRST_BATCH_LIMIT: usize = 3 * KIB;
+    let open_files = raise_open_files_limit();
+    assert!(open_files > 2 * BATCH + 100, "open-files limit {open_files} too low for this test");
+
+    let echod = Binary::start(&["--metrics-listen", "off"]);
+    let pid = echod.child.id();
+    let mut warm = connect(echod.addr);
+    warm.write_all(b"w").unwrap();
+    warm.read_exact(&mut [0u8; 1]).unwrap();
+    drop(warm);
+    let rss_start = rss(pid);
+
+    let mut clients = Vec::with_capacity(2 * BATCH);
+    let opened = Instant::now();
+    open_idle(echod.addr, BATCH, &mut clients);
+    let open_time = opened.elapsed();
+    let rss_busy = rss(pid);
+    let (first_cost, first_wait) = settled_cost(pid, rss_start, BATCH, FIRST_BATCH_LIMIT);
+    let rss_first = rss(pid);
+
+    open_idle(echod.addr, BATCH, &mut clients);
+    let (marginal_cost, second_wait) = settled_cost(pid, rss_first, BATCH, PER_CONNECTION_LIMIT);
+    let rss_second = rss(pid);
+
+    println!(
+        "idle connections: RSS {:.1} MiB at start, {:.1} MiB right after {BATCH} echoes (opened in {open_time:?}), \
+         {:.1} MiB once idle ({first_wait:?} later): {first_cost} B per connection including one-time growth",
+        rss_start as f64 / MIB as f64,
+        rss_busy as f64 / MIB as f64,
+        rss_first as f64 / MIB as f64,
+    );
+    println!(
+        "idle connections: {BATCH} more, once idle ({second_wait:?}): RSS {:.1} MiB, {marginal_cost} B per idle connection",
+        rss_second as f64 / MIB as f64,
+    );
+    assert!(
+        first_cost < FIRST_BATCH_LIMIT,
+        "first {BATCH} idle connections cost {first_cost} B each (limit {FIRST_BATCH_LIMIT})"
+    );
+    assert!(
+        marginal_cost < PER_CONNECTION_LIMIT,
+        "{marginal_cost} B of RSS per idle connection (limit {PER_CONNECTION_LIMIT})"
+    );
+
+    // Still serving: the connections are idle, not dead.
+    for (i, client) in clients.iter_mut().enumerate().step_by(97) {
+        client.write_all(b"again").unwrap();
+        let mut back = [0u8; 5];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"again", "connection {i}");
+    }
+    drop(clients);
+    drop(echod);
+}
