@@ -1,0 +1,170 @@
+//! Connecting, closing, and the host limits a load client runs into: open files, ephemeral
+//! ports and the connection-tracking table.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// Opens client connections to one target.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    target: SocketAddr,
+    /// Spread source addresses over 127.0.0.2..=127.0.0.254 (only for a 127.x target on Linux).
+    spread: bool,
+    timeout: Duration,
+}
+
+/// How many loopback source addresses connections are spread over: 127.0.0.2 ..= 127.0.0.254.
+const SPREAD_ADDRS: u64 = 253;
+
+impl Connector {
+    pub fn new(target: SocketAddr, spread: bool, timeout: Duration) -> Connector {
+        let spread =
+            spread && cfg!(target_os = "linux") && matches!(target.ip(), IpAddr::V4(ip) if ip.is_loopback());
+        Connector { target, spread, timeout }
+    }
+
+    /// Whether connections get spread source addresses.
+    pub fn spreads(&self) -> bool {
+        self.spread
+    }
+
+    /// The source address connection `id` binds to, if sources are spread.
+    fn source(&self, id: u64) -> Option<SocketAddr> {
+        self.spread.then(|| {
+            let last = 2 + (id % SPREAD_ADDRS) as u8;
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0)
+        })
+    }
+
+    /// Connects connection `id` (bounded by the I/O timeout), with TCP_NODELAY set.
+    pub async fn connect(&self, id: u64) -> io::Result<TcpStream> {
+        let fut = async {
+            let stream = match self.source(id) {
+                Some(source) => {
+                    let socket = bound_socket(source)?;
+                    socket.connect(self.target).await?
+                }
+                None => TcpStream::connect(self.target).await?,
+            };
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.timeout),
+            )),
+        }
+    }
+}
+
+/// A non-blocking socket bound to `source` whose port is picked at connect time
+/// (IP_BIND_ADDRESS_NO_PORT), so every source address has the whole ephemeral range for each
+/// destination instead of reserving a port at bind time.
+fn bound_socket(source: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(source), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor and a correctly sized c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    socket.bind(&source.into())?;
+    Ok(tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket)))
+}
+
+/// Closes a connection with a RST instead of a FIN (SO_LINGER 0): no TIME_WAIT on the client,
+/// and the connection-tracking entry expires after 10 s instead of 120 s.
+pub fn close_with_reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Raises this process's soft open-files limit to the hard limit; returns the soft limit now
+/// in force (None where there is no such limit to read).
+pub fn raise_open_files_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return None;
+            }
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+        }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every Unix
+        Some(lim.rlim_cur as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Files the client keeps for itself besides connections (stdio, epoll, eventfds, …).
+pub const FILE_RESERVE: u64 = 64;
+
+/// This client never holds more than this many files, whatever the limit says.
+pub const FILE_CEILING: u64 = 20_000;
+
+/// Fails when `connections` sockets (plus the reserve) would not fit under the open-files limit.
+pub fn check_open_files(connections: u64, limit: Option<u64>) -> Result<(), String> {
+    let needed = connections + FILE_RESERVE;
+    if needed > FILE_CEILING {
+        return Err(format!(
+            "{connections} connections need {needed} open files, over this client's ceiling of {FILE_CEILING}: run several clients"
+        ));
+    }
+    match limit {
+        Some(limit) if needed > limit => Err(format!(
+            "{connections} connections need {needed} open files but RLIMIT_NOFILE is {limit} (raise the hard limit, e.g. ulimit -Hn)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The connection-tracking table's use: (entries, capacity), if the host tracks connections.
+pub fn conntrack_usage() -> Option<(u64, u64)> {
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}")).ok()?.trim().parse().ok()
+    };
+    let max = read("nf_conntrack_max")?;
+    let count = read("nf_conntrack_count")?;
+    (max > 0).then_some((count, max))
+}
+
+/// Fails when the connection-tracking table is fuller than `limit` (a fraction of capacity).
+/// A full table makes the kernel drop new connections on the whole host, not just ours.
+pub fn check_conntrack(limit: f64) -> Result<(), String> {
+    match conntrack_usage() {
+        Some((count, max)) if count as f64 > limit * max as f64 => Err(format!(
+            "connection-tracking table at {count} of {max} entries (over {:.0}%): stopping before the kernel starts dropping connections; wait for entries to expire (10 s after a RST, 120 s after a FIN)",
+            limit * 100.0
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,104 @@
+//! The byte pattern every connection sends and expects back.
+//!
+//! Byte `i` of a connection's stream is a function of the connection's id and `i` alone, so an
+//! echoed chunk can be checked without keeping a copy of what was sent, and data that comes back
+//! stale (an earlier offset), crossed (another connection's stream) or altered fails the check.
+//! The stream is built from 64-bit words, each a strong mix of (seed, word index).
+
+/// The pattern of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Pattern {
+    seed: u64,
+}
+
+/// SplitMix64's finaliser: a bijective mix of 64 bits.
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Pattern {
+    /// The pattern of connection `id`; every id gives an unrelated stream.
+    pub fn new(id: u64) -> Pattern {
+        Pattern { seed: mix(id.wrapping_add(0x9e37_79b9_7f4a_7c15)) }
+    }
+
+    #[inline]
+    fn word(&self, index: u64) -> [u8; 8] {
+        mix(self.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes()
+    }
+
+    /// Fills `buf` with the stream's bytes starting at `offset`.
+    pub fn fill(&self, offset: u64, buf: &mut [u8]) {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let (index, skip) = (at / 8, (at % 8) as usize);
+            let word = self.word(index);
+            let n = (8 - skip).min(buf.len() - pos);
+            buf[pos..pos + n].copy_from_slice(&word[skip..skip + n]);
+            pos += n;
+        }
+    }
+
+    /// Checks that `buf` holds the stream's bytes starting at `offset`; on a mismatch, returns
+    /// the index in `buf` of the first wrong byte.
+    pub fn check(&self, offset: u64, buf: &[u8]) -> Result<(), usize> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let (index, skip) = (at / 8, (at % 8) as usize);
+            let word = self.word(index);
+            let n = (8 - skip).min(buf.len() - pos);
+            if buf[pos..pos + n] != word[skip..skip + n] {
+                let wrong = (0..n).find(|&k| buf[pos + k] != word[skip + k]).unwrap_or(0);
+                return Err(pos + wrong);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// The single byte at `offset`.
+    pub fn byte(&self, offset: u64) -> u8 {
+        self.word(offset / 8)[(offset % 8) as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_and_check_agree_at_any_alignment() {
+        let p = Pattern::new(7);
+        let mut whole = vec![0u8; 100];
+        p.fill(0, &mut whole);
+        for start in 0..20u64 {
+            for len in 0..40usize {
+                let mut part = vec![0u8; len];
+                p.fill(start, &mut part);
+                assert_eq!(&part[..], &whole[start as usize..start as usize + len]);
+                assert_eq!(p.check(start, &part), Ok(()));
+            }
+        }
+        assert_eq!(p.byte(13), whole[13]);
+    }
+
+    #[test]
+    fn check_finds_the_first_wrong_byte() {
+        let p = Pattern::new(1);
+        let mut buf = vec![0u8; 64];
+        p.fill(5, &mut buf);
+        buf[37] ^= 0x01;
+        assert_eq!(p.check(5, &buf), Err(37));
+        // Another connection's bytes, or this one's from another offset, do not pass.
+        let mut other = vec![0u8; 64];
+        Pattern::new(2).fill(5, &mut other);
+        assert!(p.check(5, &other).is_err());
+        p.fill(6, &mut other);
+        assert!(p.check(5, &other).is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! `stream`: every connection writes chunks back to back while a concurrent reader takes the
+//! echo back and checks it. At the end the writer half-closes, and the reader expects the whole
+//! stream back before the server's EOF.
+//!
+//! A chunk's latency runs from the start of its write to the arrival of its last echoed byte.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::pattern::Pattern;
+use crate::pingpong::verify;
+use crate::run::{timed, Run};
+use crate::stats::{ErrorKind, Failure, Stats};
+
+/// The reader's buffer.
+const READ_BUF: usize = 64 * 1024;
+
+pub async fn run(run: &Run, size: usize) -> Duration {
+    let conns = run.connect_all(run.connections).await;
+    let (start, deadline) = run.begin_measure();
+    let mut set = JoinSet::new();
+    for (id, stream) in conns {
+        set.spawn(connection(stream, id, size, run.share(id), deadline, run.timeout, run.stats.clone()));
+    }
+    run.join_all(set).await;
+    let elapsed = start.elapsed();
+    run.end_measure();
+    elapsed
+}
+
+async fn connection(
+    stream: TcpStream,
+    id: u64,
+    size: usize,
+    quota: Option<u64>,
+    deadline: Option<Instant>,
+    timeout: Duration,
+    stats: Arc<Stats>,
+) -> Result<(), Failure> {
+    let (mut rd, mut wr) = stream.into_split();
+    let pattern = Pattern::new(id);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
+    let writer_stats = stats.clone();
+    let writer = tokio::spawn(async move {
+        let mut chunk = vec![0u8; size];
+        let mut written = 0u64;
+        let mut chunks = 0u64;
+        loop {
+            if quota.is_some_and(|q| chunks >= q)
+                || deadline.is_some_and(|d| Instant::now() >= d)
+                || writer_stats.stopped()
+            {
+                break;
+            }
+            pattern.fill(written, &mut chunk);
+            let _ = tx.send(Instant::now());
+            timed(id, "write", timeout, wr.write_all(&chunk)).await?;
+            written += size as u64;
+            chunks += 1;
+        }
+        timed(id, "shutdown", timeout, wr.shutdown()).await?;
+        Ok::<_, Failure>((written, wr))
+    });
+
+    let mut buf = vec![0u8; READ_BUF];
+    let mut received = 0u64;
+    let mut next_chunk_end = size as u64;
+    let read_result: Result<(), Failure> = async {
+        loop {
+            let n = timed(id, "read", timeout, rd.read(&mut buf)).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            verify(&pattern, id, received, &buf[..n])?;
+            received += n as u64;
+            // Every chunk whose last byte is now back is done.
+            let now = Instant::now();
+            while received >= next_chunk_end {
+                let Some(started) = rx.recv().await else { break };
+                stats.done(id, now - started, size as u64);
+                next_chunk_end += size as u64;
+            }
+        }
+    }
+    .await;
+    if let Err(failure) = read_result {
+        writer.abort();
+        return Err(failure);
+    }
+    let (written, _wr) =
+        writer.await.map_err(|e| Failure::new(ErrorKind::Io, format!("connection {id}: writer: {e}")))??;
+    if received != written {
+        return Err(Failure::new(
+            ErrorKind::Eof,
+            format!("connection {id}: server closed after echoing {received} of {written} bytes"),
+        ));
+    }
+    Ok(())
+}
