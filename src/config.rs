@@ -43,7 +43,7 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
 
     /// Number of runtime worker threads [default: the number of CPUs available].
-    #[arg(long, value_name = "N", env = "ECHOD_WORKERS")]
+    #[arg(long, value_name = "N", env = "ECHOD_WORKERS", allow_negative_numbers = true)]
     pub workers: Option<NonZeroUsize>,
 
     /// Most clients served at once; at the limit echod stops accepting and newcomers wait in
@@ -51,7 +51,7 @@ pub struct Config {
     ///
     /// Default: the open-files limit less a reserve for the process's own files, so echod
     /// reaches its own limit before the operating system's.
-    #[arg(long, value_name = "N", env = "ECHOD_MAX_CONNECTIONS")]
+    #[arg(long, value_name = "N", env = "ECHOD_MAX_CONNECTIONS", allow_negative_numbers = true)]
     pub max_connections: Option<NonZeroUsize>,
 
     /// Close a connection after no bytes moved in either direction for this long (`30s`,
@@ -78,7 +78,7 @@ pub struct Config {
 
     /// Length of each listener's queue of connections the kernel completed but echod has not
     /// yet accepted (the kernel may cap it, e.g. at net.core.somaxconn).
-    #[arg(long, value_name = "N", env = "ECHOD_BACKLOG", default_value_t = 1024,
+    #[arg(long, value_name = "N", env = "ECHOD_BACKLOG", default_value_t = 1024, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub backlog: u32,
 
