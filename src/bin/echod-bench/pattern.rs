@@ -31,34 +31,53 @@ impl Pattern {
     }
 
     /// Fills `buf` with the stream's bytes starting at `offset`.
+    ///
+    /// Whole words are written in a tight loop (this runs at several GB/s, so the client can
+    /// drive a server at full speed); only a ragged head and tail go byte by byte.
     pub fn fill(&self, offset: u64, buf: &mut [u8]) {
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let at = offset + pos as u64;
-            let (index, skip) = (at / 8, (at % 8) as usize);
-            let word = self.word(index);
-            let n = (8 - skip).min(buf.len() - pos);
-            buf[pos..pos + n].copy_from_slice(&word[skip..skip + n]);
-            pos += n;
+        let head = (((8 - offset % 8) % 8) as usize).min(buf.len());
+        for (k, b) in buf[..head].iter_mut().enumerate() {
+            *b = self.byte(offset + k as u64);
+        }
+        let body_offset = offset + head as u64;
+        let mut words = buf[head..].chunks_exact_mut(8);
+        let mut index = body_offset / 8;
+        for chunk in &mut words {
+            chunk.copy_from_slice(&self.word(index));
+            index += 1;
+        }
+        let tail = words.into_remainder();
+        let tail_offset = index * 8;
+        for (k, b) in tail.iter_mut().enumerate() {
+            *b = self.byte(tail_offset + k as u64);
         }
     }
 
     /// Checks that `buf` holds the stream's bytes starting at `offset`; on a mismatch, returns
     /// the index in `buf` of the first wrong byte.
     pub fn check(&self, offset: u64, buf: &[u8]) -> Result<(), usize> {
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let at = offset + pos as u64;
-            let (index, skip) = (at / 8, (at % 8) as usize);
-            let word = self.word(index);
-            let n = (8 - skip).min(buf.len() - pos);
-            if buf[pos..pos + n] != word[skip..skip + n] {
-                let wrong = (0..n).find(|&k| buf[pos + k] != word[skip + k]).unwrap_or(0);
+        let head = (((8 - offset % 8) % 8) as usize).min(buf.len());
+        if let Some(k) = (0..head).find(|&k| buf[k] != self.byte(offset + k as u64)) {
+            return Err(k);
+        }
+        let mut index = (offset + head as u64) / 8;
+        let mut pos = head;
+        let mut words = buf[head..].chunks_exact(8);
+        for chunk in &mut words {
+            let got = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
+            let want = u64::from_le_bytes(self.word(index));
+            if got != want {
+                let wrong = (0..8).find(|&k| chunk[k] != self.word(index)[k]).unwrap_or(0);
                 return Err(pos + wrong);
             }
-            pos += n;
+            index += 1;
+            pos += 8;
         }
-        Ok(())
+        let tail_offset = index * 8;
+        match words.remainder().iter().enumerate().find(|&(k, b)| *b != self.byte(tail_offset + k as u64)) {
+            Some((k, _)) => Err(pos + k),
+            None => Ok(()),
+        }
     }
 
     /// The single byte at `offset`.
