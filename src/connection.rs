@@ -43,7 +43,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, SimplexStream};
@@ -103,6 +103,10 @@ struct Traffic {
     eof: AtomicBool,
     /// A read filled the whole buffer: grow at the next balanced point.
     grow: AtomicBool,
+    /// The loop's reader last returned `Pending` (it is parked, with no waker; see [`Loop`]).
+    reader_parked: AtomicBool,
+    /// Data or EOF reached the loop while its reader was parked: poll the copy again.
+    reader_wanted: AtomicBool,
 }
 
 impl Traffic {
@@ -225,7 +229,7 @@ impl Connection {
         let Connection { stream, traffic, shared, published, last_activity, buffer, .. } = self;
         let size = *buffer;
         let mut client = Metered::new(stream, traffic, size < MAX_BUFFER);
-        let mut echo_loop = SimplexStream::new_unsplit(size);
+        let mut echo_loop = Loop { inner: SimplexStream::new_unsplit(size), traffic };
         let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut echo_loop, size, size);
         tokio::pin!(copy);
 
@@ -233,36 +237,109 @@ impl Connection {
         let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seen = traffic.totals();
-        loop {
-            // The forced close at the end of a drain is checked on the tick, not raced here: a
-            // cancellation future locks the token's shared mutex every time it is polled, and
-            // this select is polled on every wake of every busy connection.
-            tokio::select! {
-                biased;
-                result = &mut copy => {
-                    return match result {
+        // The forced close at the end of a drain is checked on the tick rather than raced here:
+        // a cancellation future locks the token's shared mutex every time it is polled, and
+        // this is polled on every wake of every busy connection.
+        std::future::poll_fn(|cx| {
+            let mut polls = 0;
+            loop {
+                if let Poll::Ready(result) = copy.as_mut().poll(cx) {
+                    return Poll::Ready(match result {
                         Ok(_) => PhaseEnd::Finished,
                         Err(err) if GrowPoint::is(&err) => PhaseEnd::Grow,
                         Err(err) => PhaseEnd::Failed(err),
-                    };
+                    });
                 }
-                _ = ticker.tick() => {
-                    let now = traffic.totals();
-                    shared.metrics.publish(published, now.0, now.1);
-                    if shared.force_close.is_cancelled() {
-                        return PhaseEnd::Closed(CloseReason::Shutdown);
-                    }
-                    if now != seen {
-                        seen = now;
-                        *last_activity = Instant::now();
-                    } else if shared.idle_timeout.is_some_and(|t| last_activity.elapsed() >= t) {
-                        return PhaseEnd::Closed(CloseReason::IdleTimeout);
-                    } else if traffic.balanced() && !traffic.eof.load(Relaxed) {
-                        return PhaseEnd::Quiet;
-                    }
+                // Bytes reached the loop after its reader parked (see `Loop`): poll again now,
+                // which is what a wake would have done, minus the trip through the scheduler.
+                if !traffic.reader_wanted.load(Relaxed) {
+                    break;
+                }
+                polls += 1;
+                if polls == MAX_REPOLLS {
+                    cx.waker().wake_by_ref();
+                    break;
                 }
             }
+            while ticker.poll_tick(cx).is_ready() {
+                let now = traffic.totals();
+                shared.metrics.publish(published, now.0, now.1);
+                if shared.force_close.is_cancelled() {
+                    return Poll::Ready(PhaseEnd::Closed(CloseReason::Shutdown));
+                }
+                if now != seen {
+                    seen = now;
+                    *last_activity = Instant::now();
+                } else if shared.idle_timeout.is_some_and(|t| last_activity.elapsed() >= t) {
+                    return Poll::Ready(PhaseEnd::Closed(CloseReason::IdleTimeout));
+                } else if traffic.balanced() && !traffic.eof.load(Relaxed) {
+                    return Poll::Ready(PhaseEnd::Quiet);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Polls of the copy in a row before yielding to the scheduler anyway.
+const MAX_REPOLLS: u32 = 8;
+
+/// The in-memory loop (a `SimplexStream`), with its reader parked without a waker.
+///
+/// The loop's only writer is the copy's client-to-loop direction, in the same task as its reader.
+/// Were the reader to park with the task's waker, every write into the loop would wake the very
+/// task that is running, and the scheduler would poll it once more for nothing: one extra poll
+/// per message. Instead the reader parks with a no-op waker, and a write or EOF that arrives while
+/// it is parked sets `reader_wanted`, on which the copy phase polls the copy again at once. The
+/// writer side keeps the real waker: when the loop is full, the reader making room must wake it.
+struct Loop<'a> {
+    inner: SimplexStream,
+    traffic: &'a Traffic,
+}
+
+impl Loop<'_> {
+    fn note_input(&self) {
+        if self.traffic.reader_parked.load(Relaxed) {
+            self.traffic.reader_wanted.store(true, Relaxed);
         }
+    }
+}
+
+impl AsyncRead for Loop<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut parked = Context::from_waker(Waker::noop());
+        let result = Pin::new(&mut self.inner).poll_read(&mut parked, buf);
+        let traffic = self.traffic;
+        traffic.reader_parked.store(result.is_pending(), Relaxed);
+        traffic.reader_wanted.store(false, Relaxed);
+        result
+    }
+}
+
+impl AsyncWrite for Loop<'_> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.note_input();
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_shutdown(cx);
+        if result.is_ready() {
+            self.note_input();
+        }
+        result
     }
 }
 

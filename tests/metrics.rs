@@ -183,9 +183,14 @@ async fn closes_are_counted_by_reason() {
     assert_eq!(echo(&mut quiet, b"zzz").await, b"zzz");
     assert!(read_to_eof(&mut quiet).await.is_empty());
 
+    // Wine hands a Windows program a peer's RST as a clean end of stream (real Windows reports
+    // WSAECONNRESET); ci/windows.sh sets ECHOD_TEST_WINE so only the split is relaxed there.
+    let wine = std::env::var_os("ECHOD_TEST_WINE").is_some();
     eventually("eof, reset and idle counted", || {
         let m = server.metrics();
-        reason(&m, "eof") == 1.0 && reason(&m, "reset") == 1.0 && reason(&m, "idle_timeout") == 1.0
+        let (eof, reset) = (reason(&m, "eof"), reason(&m, "reset"));
+        let split_ok = if wine { eof + reset == 2.0 } else { eof == 1.0 && reset == 1.0 };
+        split_ok && reason(&m, "idle_timeout") == 1.0
     })
     .await;
 
