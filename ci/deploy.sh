@@ -213,7 +213,7 @@ step "systemd-analyze verify deploy/systemd/echod.service deploy/systemd/echod.s
 # ExecStart names /usr/local/bin/echod: verify checks that it exists. Put the static binary
 # there in a private mount namespace, so the host's /usr/local/bin is left alone.
 unshare --mount --propagation private sh -c '
-    mount -t tmpfs -o size=64m tmpfs /usr/local/bin &&
+    mount -t tmpfs -o size=512m tmpfs /usr/local/bin &&
     install -m 0755 "$1" /usr/local/bin/echod &&
     systemd-analyze verify deploy/systemd/echod.service deploy/systemd/echod.socket' \
     sh "$BIN" >"$TMP/verify.txt" 2>&1 || { cat "$TMP/verify.txt"; exit 1; }
