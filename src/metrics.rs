@@ -46,7 +46,8 @@ pub const PROCESS_THREADS: &str = "process_threads";
 pub const DURATION_BUCKETS: [f64; 16] =
     [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
-/// How a connection ended: the `reason` label of `echod_connections_closed_total`.
+/// How a connection ended: the `reason` label of `echod_connections_closed_total`. The
+/// discriminants index [`CloseReason::ALL`] and the server's per-reason counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// The client closed its side and received everything back.
@@ -329,8 +330,7 @@ impl ServerMetrics {
         lifetime: Duration,
     ) {
         self.publish(published, received, sent);
-        let index = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(4);
-        self.closed[index].increment(1);
+        self.closed[reason as usize].increment(1);
         self.duration.record(lifetime.as_secs_f64());
         self.active.decrement(1.0);
     }

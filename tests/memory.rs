@@ -144,22 +144,6 @@ fn a_client_that_never_reads_is_held_back_not_buffered() {
     drop(echod);
 }
 
-/// Raises this process's soft open-files limit to the hard one (the test holds many sockets).
-fn raise_open_files_limit() -> usize {
-    // SAFETY: getrlimit/setrlimit only read and write the struct given.
-    unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-        limit.rlim_cur as usize
-    }
-}
-
 /// Opens `count` connections to `addr`, echoing one byte on each, and keeps them open.
 fn open_idle(addr: std::net::SocketAddr, count: usize, into: &mut Vec<TcpStream>) {
     for i in 0..count {
@@ -206,7 +190,7 @@ fn idle_connections_cost_little_memory() {
     const PER_CONNECTION_LIMIT: usize = 2 * KIB;
     /// Cost of the first batch, including one-time growth.
     const FIRST_BATCH_LIMIT: usize = 3 * KIB;
-    let open_files = raise_open_files_limit();
+    let open_files = echod::rlimit::raise_open_files_limit().unwrap_or(0) as usize;
     assert!(open_files > 2 * BATCH + 100, "open-files limit {open_files} too low for this test");
 
     let echod = Binary::start(&["--metrics-listen", "off"]);

@@ -25,10 +25,11 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::net::{check_open_files, raise_open_files_limit, Connector};
+use crate::net::{check_open_files, Connector};
 use crate::progress::Progress;
 use crate::run::Run;
 use crate::stats::{Stats, Summary};
+use echod::rlimit::raise_open_files_limit;
 
 /// Load client for TCP echo servers: every echoed byte is verified.
 ///

@@ -98,33 +98,6 @@ pub fn close_with_reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Raises this process's soft open-files limit to the hard limit; returns the soft limit now
-/// in force (None where there is no such limit to read).
-pub fn raise_open_files_limit() -> Option<u64> {
-    #[cfg(unix)]
-    {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit struct.
-        unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-                return None;
-            }
-            if lim.rlim_cur < lim.rlim_max {
-                let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                    lim.rlim_cur = lim.rlim_max;
-                }
-            }
-        }
-        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every Unix
-        Some(lim.rlim_cur as u64)
-    }
-    #[cfg(not(unix))]
-    {
-        None
-    }
-}
-
 /// Files the client keeps for itself besides connections (stdio, epoll, eventfds, …).
 pub const FILE_RESERVE: u64 = 64;
 

@@ -73,10 +73,7 @@ async fn closed_loop(
     let mut offset = 0u64;
     let mut sent = 0u64;
     loop {
-        if quota.is_some_and(|q| sent >= q)
-            || deadline.is_some_and(|d| Instant::now() >= d)
-            || stats.stopped()
-        {
+        if stats.finished(quota, sent, deadline) {
             break;
         }
         pattern.fill(offset, &mut out);

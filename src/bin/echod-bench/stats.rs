@@ -141,6 +141,14 @@ impl Stats {
         self.stop.load(Relaxed)
     }
 
+    /// Whether a connection's loop should end: its quota of `done` units is reached, the
+    /// deadline has passed, or the run was stopped.
+    pub fn finished(&self, quota: Option<u64>, done: u64, deadline: Option<std::time::Instant>) -> bool {
+        quota.is_some_and(|q| done >= q)
+            || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            || self.stopped()
+    }
+
     fn merged(shards: &[Mutex<Histogram<u64>>]) -> Histogram<u64> {
         let mut all = new_histogram();
         for shard in shards {

@@ -51,10 +51,7 @@ async fn connection(
         let mut written = 0u64;
         let mut chunks = 0u64;
         loop {
-            if quota.is_some_and(|q| chunks >= q)
-                || deadline.is_some_and(|d| Instant::now() >= d)
-                || writer_stats.stopped()
-            {
+            if writer_stats.finished(quota, chunks, deadline) {
                 break;
             }
             pattern.fill(written, &mut chunk);
