@@ -3,13 +3,19 @@
 //! Byte `i` of a connection's stream is a function of the connection's id and `i` alone, so an
 //! echoed chunk can be checked without keeping a copy of what was sent, and data that comes back
 //! stale (an earlier offset), crossed (another connection's stream) or altered fails the check.
-//! The stream is built from 64-bit words, each a strong mix of (seed, word index).
+//!
+//! The bytes come from one table of pseudo-random bytes, computed once per process and shared by
+//! every connection: connection `id`'s stream is the table read cyclically from a start that a
+//! strong mix of `id` picks. Sending is then a slice of the table (no per-byte work at all) and
+//! checking is a `memcmp` against it, so one client core can drive a server at full loopback
+//! speed. The table repeats every [`PERIOD`] bytes; data stale by an exact multiple of that (a
+//! mebibyte) or crossed from a connection whose start happens to line up would go unnoticed,
+//! which no echo server fault produces by accident.
 
-/// The pattern of one connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Pattern {
-    seed: u64,
-}
+use std::sync::OnceLock;
+
+/// The length of the pattern's cycle.
+pub const PERIOD: usize = 1 << 20;
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.
 #[inline]
@@ -19,70 +25,67 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The cycle twice over, so that any run of up to [`PERIOD`] bytes is one contiguous slice.
+fn table() -> &'static [u8] {
+    static TABLE: OnceLock<Box<[u8]>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut bytes = vec![0u8; 2 * PERIOD];
+        for (index, word) in bytes[..PERIOD].chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&mix(index as u64 ^ 0x5851_f42d_4c95_7f2d).to_le_bytes());
+        }
+        bytes.copy_within(..PERIOD, PERIOD);
+        bytes.into_boxed_slice()
+    })
+}
+
+/// The pattern of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Pattern {
+    start: usize,
+}
+
 impl Pattern {
-    /// The pattern of connection `id`; every id gives an unrelated stream.
+    /// The pattern of connection `id`; ids start at unrelated places of the cycle.
     pub fn new(id: u64) -> Pattern {
-        Pattern { seed: mix(id.wrapping_add(0x9e37_79b9_7f4a_7c15)) }
+        Pattern { start: (mix(id.wrapping_add(0x9e37_79b9_7f4a_7c15)) % PERIOD as u64) as usize }
     }
 
-    #[inline]
-    fn word(&self, index: u64) -> [u8; 8] {
-        mix(self.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes()
+    /// The stream's bytes from `offset`, as one slice of at most `len` bytes (and at most
+    /// [`PERIOD`]); call again from where it ends for more.
+    pub fn slice(&self, offset: u64, len: usize) -> &'static [u8] {
+        let at = (self.start + (offset % PERIOD as u64) as usize) % PERIOD;
+        &table()[at..at + len.min(PERIOD)]
     }
 
     /// Fills `buf` with the stream's bytes starting at `offset`.
-    ///
-    /// Whole words are written in a tight loop (this runs at several GB/s, so the client can
-    /// drive a server at full speed); only a ragged head and tail go byte by byte.
     pub fn fill(&self, offset: u64, buf: &mut [u8]) {
-        let head = (((8 - offset % 8) % 8) as usize).min(buf.len());
-        for (k, b) in buf[..head].iter_mut().enumerate() {
-            *b = self.byte(offset + k as u64);
-        }
-        let body_offset = offset + head as u64;
-        let mut words = buf[head..].chunks_exact_mut(8);
-        let mut index = body_offset / 8;
-        for chunk in &mut words {
-            chunk.copy_from_slice(&self.word(index));
-            index += 1;
-        }
-        let tail = words.into_remainder();
-        let tail_offset = index * 8;
-        for (k, b) in tail.iter_mut().enumerate() {
-            *b = self.byte(tail_offset + k as u64);
+        let mut done = 0;
+        while done < buf.len() {
+            let part = self.slice(offset + done as u64, buf.len() - done);
+            buf[done..done + part.len()].copy_from_slice(part);
+            done += part.len();
         }
     }
 
     /// Checks that `buf` holds the stream's bytes starting at `offset`; on a mismatch, returns
     /// the index in `buf` of the first wrong byte.
     pub fn check(&self, offset: u64, buf: &[u8]) -> Result<(), usize> {
-        let head = (((8 - offset % 8) % 8) as usize).min(buf.len());
-        if let Some(k) = (0..head).find(|&k| buf[k] != self.byte(offset + k as u64)) {
-            return Err(k);
-        }
-        let mut index = (offset + head as u64) / 8;
-        let mut pos = head;
-        let mut words = buf[head..].chunks_exact(8);
-        for chunk in &mut words {
-            let got = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
-            let want = u64::from_le_bytes(self.word(index));
+        let mut done = 0;
+        while done < buf.len() {
+            let want = self.slice(offset + done as u64, buf.len() - done);
+            let got = &buf[done..done + want.len()];
             if got != want {
-                let wrong = (0..8).find(|&k| chunk[k] != self.word(index)[k]).unwrap_or(0);
-                return Err(pos + wrong);
+                let wrong = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+                return Err(done + wrong);
             }
-            index += 1;
-            pos += 8;
+            done += want.len();
         }
-        let tail_offset = index * 8;
-        match words.remainder().iter().enumerate().find(|&(k, b)| *b != self.byte(tail_offset + k as u64)) {
-            Some((k, _)) => Err(pos + k),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// The single byte at `offset`.
     pub fn byte(&self, offset: u64) -> u8 {
-        self.word(offset / 8)[(offset % 8) as usize]
+        self.slice(offset, 1)[0]
     }
 }
 
@@ -119,5 +122,18 @@ mod tests {
         assert!(p.check(5, &other).is_err());
         p.fill(6, &mut other);
         assert!(p.check(5, &other).is_err());
+    }
+
+    #[test]
+    fn runs_longer_than_the_cycle_wrap_around_it() {
+        let p = Pattern::new(3);
+        let offset = PERIOD as u64 - 5;
+        let mut long = vec![0u8; 2 * PERIOD + 11];
+        p.fill(offset, &mut long);
+        assert_eq!(p.check(offset, &long), Ok(()));
+        assert_eq!(long[5], p.byte(PERIOD as u64));
+        assert_eq!(long[5], long[5 + PERIOD]);
+        long[PERIOD + 7] ^= 0x80;
+        assert_eq!(p.check(offset, &long), Err(PERIOD + 7));
     }
 }
