@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,6 +45,7 @@ pub(crate) async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut policy = AcceptPolicy::new(addr);
+    let inherited = set_inherited_options(&listener, addr, shared.tcp_keepalive);
     let accepted = shared.metrics.accepted(&addr.to_string());
     loop {
         let permit = tokio::select! {
@@ -63,7 +65,9 @@ pub(crate) async fn accept_loop(
             Ok((stream, peer)) => {
                 policy.on_success();
                 accepted.increment(1);
-                configure(&stream, &shared, peer);
+                if !inherited {
+                    configure(&stream, &shared, peer);
+                }
                 debug!(%peer, listener = %addr, "connection accepted");
                 shared.tracker.spawn(connection::serve(stream, peer, permit, shared.clone()));
             }
@@ -83,20 +87,79 @@ pub(crate) async fn accept_loop(
     debug!(listener = %addr, "listener closed");
 }
 
+/// Whether an accepted socket starts with its listener's `TCP_NODELAY` and keepalive settings.
+/// Linux copies them (the new socket is cloned from the listener); elsewhere they are set on each
+/// accepted socket.
+const ACCEPTED_SOCKETS_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
+
+/// Sets the client socket options on the listener itself where accepted sockets inherit them,
+/// which saves up to four system calls per connection. Returns whether that worked; if not, the
+/// accept loop sets them on each client instead.
+fn set_inherited_options(listener: &TcpListener, addr: SocketAddr, keepalive: Option<Duration>) -> bool {
+    if !ACCEPTED_SOCKETS_INHERIT_OPTIONS {
+        return false;
+    }
+    match set_client_options(SockRef::from(listener), keepalive) {
+        Ok(()) => true,
+        Err(err) => {
+            debug!(listener = %addr, error = %err, "setting client options on the listener failed; setting them per client");
+            false
+        }
+    }
+}
+
 /// Socket options of an accepted client: `TCP_NODELAY`, because an echo is latency-bound and
 /// Nagle's algorithm would hold small replies back; TCP keepalive, so a peer that vanished without
-/// a FIN or RST is eventually found and its connection freed. Failures are logged, not fatal: the
-/// client can still be served.
-fn configure(stream: &TcpStream, shared: &Shared, peer: SocketAddr) {
-    if let Err(err) = stream.set_nodelay(true) {
-        warn!(%peer, error = %err, "could not set TCP_NODELAY");
-    }
-    if let Some(idle) = shared.tcp_keepalive {
+/// a FIN or RST is eventually found and its connection freed.
+fn set_client_options(socket: SockRef<'_>, keepalive: Option<Duration>) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
+    if let Some(idle) = keepalive {
         let keepalive = TcpKeepalive::new().with_time(idle);
         #[cfg(not(any(target_os = "openbsd", target_os = "haiku")))]
-        let keepalive = keepalive.with_interval(std::time::Duration::from_secs(10));
-        if let Err(err) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-            warn!(%peer, error = %err, "could not enable TCP keepalive");
+        let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL);
+        socket.set_tcp_keepalive(&keepalive)?;
+    }
+    Ok(())
+}
+
+/// Time between keepalive probes once the first went unanswered.
+#[cfg(not(any(target_os = "openbsd", target_os = "haiku")))]
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Sets the client options on one accepted socket. A failure is logged, not fatal: the client can
+/// still be served.
+fn configure(stream: &TcpStream, shared: &Shared, peer: SocketAddr) {
+    if let Err(err) = set_client_options(SockRef::from(stream), shared.tcp_keepalive) {
+        warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every accepted client gets TCP_NODELAY and the configured keepalive, whichever way the
+    /// platform gets them there.
+    #[tokio::test]
+    async fn accepted_clients_get_nodelay_and_keepalive() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let listener = bind(addr, 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let keepalive = Duration::from_secs(77);
+        let inherited = set_inherited_options(&listener, addr, Some(keepalive));
+        assert_eq!(inherited, ACCEPTED_SOCKETS_INHERIT_OPTIONS);
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        if !inherited {
+            set_client_options(SockRef::from(&stream), Some(keepalive)).unwrap();
+        }
+        let socket = SockRef::from(&stream);
+        assert!(socket.tcp_nodelay().unwrap(), "TCP_NODELAY");
+        assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE");
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(socket.tcp_keepalive_time().unwrap(), keepalive);
+            assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         }
     }
 }
