@@ -296,10 +296,10 @@ impl ServerMetrics {
 
 /// What one connection has already added to the shared byte counters. Kept by the connection
 /// (not a reference into the server) so a connection's task stays small and self-contained.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Published {
-    received: u64,
-    sent: u64,
+    pub received: u64,
+    pub sent: u64,
 }
 
 impl ServerMetrics {
