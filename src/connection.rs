@@ -454,6 +454,11 @@ impl AsyncRead for Loop<'_> {
             taken += more;
         }
         this.ring.drain(..taken);
+        if this.ring.is_empty() {
+            // Start the next message at the ring's start: the same cache lines every time, and
+            // aligned copies.
+            this.ring.clear();
+        }
         if traffic.writer_parked.load(Relaxed) {
             traffic.writer_wanted.store(true, Relaxed);
         }
