@@ -168,7 +168,6 @@ impl Future for Connection {
                         }
                     };
                     if let Some(reason) = closing {
-                        this.phase.set(Phase::Done);
                         return this.close(reason);
                     }
                     // Readable (data, FIN or RST: the copy will tell which): start copying.
@@ -193,9 +192,9 @@ impl Future for Connection {
                     Instant::now()
                 }
                 PhaseEnd::Quiet => outcome.last_activity,
-                PhaseEnd::Finished => return this.finish(CloseReason::Eof),
-                PhaseEnd::Closed(reason) => return this.finish(reason),
-                PhaseEnd::Failed(err) => return this.finish(CloseReason::from_io_error(&err)),
+                PhaseEnd::Finished => return this.close(CloseReason::Eof),
+                PhaseEnd::Closed(reason) => return this.close(reason),
+                PhaseEnd::Failed(err) => return this.close(CloseReason::from_io_error(&err)),
             };
             this.phase.set(Phase::waiting(outcome.stream, this.shared, last_activity));
         }
@@ -203,14 +202,10 @@ impl Future for Connection {
 }
 
 impl ConnectionProj<'_> {
-    /// Ends the connection after a copy phase: the socket (in the outcome) is dropped by then.
-    fn finish(&mut self, reason: CloseReason) -> Poll<()> {
-        self.phase.set(Phase::Done);
-        self.close(reason)
-    }
-
-    /// Records the close; the socket is already dropped (closed) by the caller.
+    /// Ends the connection: drops the socket if the phase still holds it (a copy phase's outcome
+    /// has already been dropped by then) and records the close.
     fn close(&mut self, reason: CloseReason) -> Poll<()> {
+        self.phase.set(Phase::Done);
         let Published { received, sent } = *self.published;
         let lifetime = self.started.elapsed();
         self.shared.metrics.connection_closed(self.published, reason, received, sent, lifetime);

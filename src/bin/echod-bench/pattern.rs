@@ -52,16 +52,29 @@ impl Pattern {
 
     /// The stream's bytes from `offset`, as one slice of at most `len` bytes (and at most
     /// [`PERIOD`]); call again from where it ends for more.
-    pub fn slice(&self, offset: u64, len: usize) -> &'static [u8] {
+    fn slice(&self, offset: u64, len: usize) -> &'static [u8] {
         let at = (self.start + (offset % PERIOD as u64) as usize) % PERIOD;
         &table()[at..at + len.min(PERIOD)]
+    }
+
+    /// The `len` bytes of the stream from `offset`, as consecutive slices of the table (more
+    /// than one only where the run is longer than [`PERIOD`]).
+    pub fn parts(&self, offset: u64, len: usize) -> impl Iterator<Item = &'static [u8]> + Send + use<> {
+        let pattern = *self;
+        let mut done = 0;
+        std::iter::from_fn(move || {
+            (done < len).then(|| {
+                let part = pattern.slice(offset + done as u64, len - done);
+                done += part.len();
+                part
+            })
+        })
     }
 
     /// Fills `buf` with the stream's bytes starting at `offset`.
     pub fn fill(&self, offset: u64, buf: &mut [u8]) {
         let mut done = 0;
-        while done < buf.len() {
-            let part = self.slice(offset + done as u64, buf.len() - done);
+        for part in self.parts(offset, buf.len()) {
             buf[done..done + part.len()].copy_from_slice(part);
             done += part.len();
         }
@@ -71,8 +84,7 @@ impl Pattern {
     /// the index in `buf` of the first wrong byte.
     pub fn check(&self, offset: u64, buf: &[u8]) -> Result<(), usize> {
         let mut done = 0;
-        while done < buf.len() {
-            let want = self.slice(offset + done as u64, buf.len() - done);
+        for want in self.parts(offset, buf.len()) {
             let got = &buf[done..done + want.len()];
             if got != want {
                 let wrong = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);

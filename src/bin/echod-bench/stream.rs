@@ -55,12 +55,10 @@ async fn connection(
             }
             let _ = tx.send(Instant::now());
             // Straight from the pattern's table: the writer does no per-byte work.
-            let chunk_end = written + size as u64;
-            while written < chunk_end {
-                let part = pattern.slice(written, (chunk_end - written) as usize);
+            for part in pattern.parts(written, size) {
                 timed(id, "write", timeout, wr.write_all(part)).await?;
-                written += part.len() as u64;
             }
+            written += size as u64;
             chunks += 1;
         }
         timed(id, "shutdown", timeout, wr.shutdown()).await?;
