@@ -9,7 +9,8 @@
 //! * [`connection`]: one client's whole life;
 //! * [`shutdown`]: the platform's stop requests; [`systemd`]: socket activation and notify;
 //! * [`metrics`]: names, recorder, handles; `http`: the /metrics, /healthz, /readyz endpoint;
-//! * [`telemetry`]: logs; [`rlimit`]: the open-files limit; [`memory`]: returning idle connections' memory.
+//! * [`telemetry`]: logs; [`rlimit`]: the open-files limit; [`memory`]: the binary's allocator,
+//!   chosen for what idle connections cost.
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,7 +51,6 @@ pub enum Error {
 /// once with status 130 (SIGINT) or 143 (SIGTERM).
 pub async fn run(config: Config) -> Result<DrainReport, Error> {
     let mut signals = shutdown::Signals::install().map_err(Error::Signals)?;
-    memory::return_freed_buffers_to_the_system();
     let server = Server::bind(&config)?;
     for addr in server.local_addrs() {
         info!(address = %addr, "listening");

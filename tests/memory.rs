@@ -157,39 +157,48 @@ fn open_idle(addr: std::net::SocketAddr, count: usize, into: &mut Vec<TcpStream>
 }
 
 /// Polls echod's RSS (bounded) until the cost of `count` connections over `baseline` is under
-/// `limit` bytes each and has stopped falling, as their buffers are released; returns the last
-/// cost seen and how long the release took.
+/// `limit` bytes each and has stopped falling (no lower than a second before), as their buffers
+/// are released and the allocator returns the pages; returns the last cost seen and how long the
+/// release took.
 fn settled_cost(pid: u32, baseline: usize, count: usize, limit: usize) -> (usize, Duration) {
+    const POLL: Duration = Duration::from_millis(100);
+    const WINDOW: usize = 10; // polls: one second
     let started = Instant::now();
-    // Buffers are freed after a quiet tick (1-2 s).
-    let deadline = started + Duration::from_secs(6);
-    let mut previous = usize::MAX;
+    // Buffers are freed after a quiet tick (1-2 s), their pages a second or so later.
+    let deadline = started + Duration::from_secs(10);
+    let mut recent = std::collections::VecDeque::with_capacity(WINDOW + 1);
     loop {
         let per_connection = rss(pid).saturating_sub(baseline) / count;
-        let settled = per_connection < limit && per_connection >= previous;
+        recent.push_back(per_connection);
+        let settled = recent.len() > WINDOW && per_connection < limit && recent[0] <= per_connection;
         if settled || Instant::now() >= deadline {
             return (per_connection, started.elapsed());
         }
-        previous = per_connection;
-        std::thread::sleep(Duration::from_millis(100));
+        if recent.len() > WINDOW {
+            recent.pop_front();
+        }
+        std::thread::sleep(POLL);
     }
 }
 
-/// Idle connections hold no echo buffers: their cost is the task and the socket registration.
+/// Idle connections hold no echo buffers: their cost is the task and the socket registration
+/// (640 live bytes), and the target is at most 1 KiB of RSS each.
 ///
-/// echod frees a connection's buffers after a quiet tick, and (on glibc) maps each buffer on its
-/// own so that freeing it returns it to the system: RSS falls back once the echoes are done.
+/// echod frees a connection's buffers after a quiet tick, and the binary's allocator (jemalloc on
+/// Linux, see `echod::memory`) gives the emptied pages back a second later: RSS falls back once
+/// the echoes are done. With glibc's malloc this measures 2 to 10 KiB, so the test also guards the
+/// allocator and its options.
 ///
-/// Two batches: the first pays one-time growth (the runtime's I/O tables, allocator arenas);
+/// Two batches: the first pays one-time growth (the runtime's I/O tables, allocator metadata);
 /// the second, opened while the first stays open, measures the marginal cost of one more idle
 /// connection.
 #[test]
 fn idle_connections_cost_little_memory() {
     const BATCH: usize = 1000;
     /// Marginal cost of an idle connection.
-    const PER_CONNECTION_LIMIT: usize = 2 * KIB;
+    const PER_CONNECTION_LIMIT: usize = KIB;
     /// Cost of the first batch, including one-time growth.
-    const FIRST_BATCH_LIMIT: usize = 3 * KIB;
+    const FIRST_BATCH_LIMIT: usize = 2 * KIB;
     let open_files = echod::rlimit::raise_open_files_limit().unwrap_or(0) as usize;
     assert!(open_files > 2 * BATCH + 100, "open-files limit {open_files} too low for this test");
 
