@@ -82,11 +82,16 @@ impl CloseReason {
     }
 
     /// Classifies a socket error: the peer going away is a reset, anything else an error.
+    ///
+    /// `NotConnected` is the peer going away too: an accepted socket only stops being connected
+    /// when the peer aborted it, and some stacks (Wine's) report that peer's RST as a clean end
+    /// of stream first, so the error surfaces only at the `shutdown` that follows.
     pub fn from_io_error(err: &io::Error) -> CloseReason {
         match err.kind() {
             io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
             | io::ErrorKind::UnexpectedEof
             | io::ErrorKind::TimedOut => CloseReason::Reset,
             _ => CloseReason::Error,
@@ -333,5 +338,21 @@ impl ServerMetrics {
         self.closed[reason as usize].increment(1);
         self.duration.record(lifetime.as_secs_f64());
         self.active.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_going_away_is_a_reset_and_anything_else_an_error() {
+        use io::ErrorKind::*;
+        for kind in [ConnectionReset, ConnectionAborted, BrokenPipe, NotConnected, UnexpectedEof, TimedOut] {
+            assert_eq!(CloseReason::from_io_error(&io::Error::from(kind)), CloseReason::Reset, "{kind:?}");
+        }
+        for kind in [PermissionDenied, InvalidInput, OutOfMemory, Other] {
+            assert_eq!(CloseReason::from_io_error(&io::Error::from(kind)), CloseReason::Error, "{kind:?}");
+        }
     }
 }

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    echo, eventually, http_get, metric, pattern, read_to_eof, set_reset_on_close, TestServer, TIMEOUT,
+    echo, eventually, eventually_saw, http_get, metric, pattern, read_to_eof, set_reset_on_close, TestServer,
+    TIMEOUT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -186,11 +187,16 @@ async fn closes_are_counted_by_reason() {
     // Wine hands a Windows program a peer's RST as a clean end of stream (real Windows reports
     // WSAECONNRESET); ci/windows.sh sets ECHOD_TEST_WINE so only the split is relaxed there.
     let wine = std::env::var_os("ECHOD_TEST_WINE").is_some();
-    eventually("eof, reset and idle counted", || {
+    eventually_saw("eof, reset and idle counted", || {
         let m = server.metrics();
         let (eof, reset) = (reason(&m, "eof"), reason(&m, "reset"));
+        let (idle, error) = (reason(&m, "idle_timeout"), reason(&m, "error"));
         let split_ok = if wine { eof + reset == 2.0 } else { eof == 1.0 && reset == 1.0 };
-        split_ok && reason(&m, "idle_timeout") == 1.0
+        if split_ok && idle == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("eof {eof}, reset {reset}, idle_timeout {idle}, error {error}"))
+        }
     })
     .await;
 

@@ -177,9 +177,19 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// Polls `check` every 10 ms until it holds, failing after `TIMEOUT`. For state that has no
 /// event to await (a counter reaching a value in another task).
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    eventually_saw(what, || if check() { Ok(()) } else { Err(String::new()) }).await
+}
+
+/// [`eventually`] for a check that says what it saw when it does not hold yet; the failure
+/// then shows the last of it.
+pub async fn eventually_saw(what: &str, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+    loop {
+        let seen = match check() {
+            Ok(()) => return,
+            Err(seen) => seen,
+        };
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}; last saw: {seen}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
