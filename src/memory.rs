@@ -20,8 +20,9 @@
 //!
 //! Measured at 10,000 held connections with `bench/run`: 0.92 KiB of RSS per idle connection
 //! (glibc with 4 KiB mmap threshold: 1.9 KiB; the baseline echo: 4.75 KiB). Purging at once
-//! (`dirty_decay_ms:0`) gets the same figure but costs churn 30 % more CPU per connection,
-//! unmapping and faulting pages for every short connection. mimalloc was also measured: it keeps
+//! (`dirty_decay_ms:0`) gets the same figure but raises churn's CPU per connection from
+//! 0.81–0.85× the baseline's to 1.11–1.27×, unmapping and faulting pages for every short
+//! connection. mimalloc was also measured: it keeps
 //! a page freed by another worker thread until its owning thread allocates again, which an idle
 //! worker never does (5 KiB per connection with two workers).
 //!

@@ -182,7 +182,7 @@ fn settled_cost(pid: u32, baseline: usize, count: usize, limit: usize) -> (usize
 }
 
 /// Idle connections hold no echo buffers: their cost is the task and the socket registration
-/// (640 live bytes), and the target is at most 1 KiB of RSS each.
+/// (640 live bytes), and echod's target is at most 1 KiB of RSS each.
 ///
 /// echod frees a connection's buffers after a quiet tick, and the binary's allocator (jemalloc on
 /// Linux, see `echod::memory`) gives the emptied pages back a second later: RSS falls back once
