@@ -7,13 +7,12 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -23,7 +22,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::server::Shared;
+use crate::context::HttpContext;
+use crate::net::accept_policy::{self, AcceptPolicy};
 
 /// Concurrent HTTP connections served; more wait in the backlog.
 const MAX_HTTP_CONNECTIONS: usize = 64;
@@ -36,15 +36,16 @@ const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves the endpoint until `stop` is cancelled.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<HttpContext>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
     let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
+    let mut policy = AcceptPolicy::new("metrics endpoint");
     loop {
         let permit = tokio::select! {
             biased;
             () = stop.cancelled() => return,
             _ = upkeep.tick() => {
-                if let Some(registry) = shared.metrics.registry() {
+                if let Some(registry) = shared.conn.metrics.registry() {
                     registry.run_upkeep();
                 }
                 continue;
@@ -58,12 +59,20 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
             biased;
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    policy.on_success();
+                    accepted
+                }
                 Err(err) => {
-                    debug!(error = %err, "metrics endpoint: accept failed");
-                    // The same resource errors that hit the echo listener can hit this one;
-                    // pause briefly rather than spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // The same errors that hit the echo listeners can hit this one: the same
+                    // policy, the same counter.
+                    shared.conn.metrics.accept_error(accept_policy::kind(&err));
+                    if let Some(pause) = policy.on_error(&err) {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                    }
                     continue;
                 }
             },
@@ -91,28 +100,23 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
 
 async fn respond(
     request: Request<hyper::body::Incoming>,
-    shared: &Shared,
+    shared: &HttpContext,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => match shared.metrics.registry() {
-            Some(registry) => (StatusCode::OK, PROMETHEUS_TEXT, registry.render()),
-            None => (StatusCode::NOT_FOUND, TEXT_PLAIN, "metrics are off\n".into()),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            match crate::server::render(&shared.conn, &shared.state) {
+                Some(text) => (StatusCode::OK, PROMETHEUS_TEXT, text),
+                None => (StatusCode::NOT_FOUND, TEXT_PLAIN, "metrics are off\n".into()),
+            }
+        }
+        // Alive is answering: this endpoint runs on the same runtime as the echo, so a busy
+        // runtime answers late rather than wrongly (a liveness restart under load would only
+        // make the overload worse).
+        (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, TEXT_PLAIN, "ok\n".into()),
+        (&Method::GET | &Method::HEAD, "/readyz") => match shared.state.not_ready() {
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, TEXT_PLAIN, format!("{why}\n")),
+            None => (StatusCode::OK, TEXT_PLAIN, "ready\n".into()),
         },
-        (&Method::GET | &Method::HEAD, "/healthz") => {
-            // Alive means the runtime still schedules work: a fresh task must run promptly.
-            let probe = tokio::time::timeout(Duration::from_secs(1), tokio::spawn(async {})).await;
-            match probe {
-                Ok(Ok(())) => (StatusCode::OK, TEXT_PLAIN, "ok\n".into()),
-                _ => (StatusCode::SERVICE_UNAVAILABLE, TEXT_PLAIN, "runtime not responding\n".into()),
-            }
-        }
-        (&Method::GET | &Method::HEAD, "/readyz") => {
-            if shared.draining.load(Ordering::Relaxed) {
-                (StatusCode::SERVICE_UNAVAILABLE, TEXT_PLAIN, "draining\n".into())
-            } else {
-                (StatusCode::OK, TEXT_PLAIN, "ready\n".into())
-            }
-        }
         (_, "/metrics" | "/healthz" | "/readyz") => {
             (StatusCode::METHOD_NOT_ALLOWED, TEXT_PLAIN, "use GET\n".to_string())
         }
@@ -120,16 +124,18 @@ async fn respond(
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
     Ok(response)
 }
 
 /// Binds the endpoint's listener (called at start, so a busy port fails start-up loudly).
 pub(crate) fn bind(addr: SocketAddr) -> Result<(SocketAddr, TcpListener), crate::Error> {
-    let listener = crate::listener::bind(addr, 128).map_err(|err| match err {
-        crate::Error::Bind { addr, source } => crate::Error::MetricsBind { addr, source },
-        other => other,
-    })?;
-    let bound = listener.local_addr().map_err(|source| crate::Error::MetricsBind { addr, source })?;
+    let fail = |source| crate::Error::MetricsBind { addr, source };
+    let listener = crate::net::bind_tcp(addr, 128).map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
     Ok((bound, listener))
 }

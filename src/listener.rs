@@ -1,79 +1,102 @@
-//! Listening sockets: binding them (or adopting systemd's), and the accept loop that turns each
-//! accepted client into a connection task under the connection limit.
+//! The stream accept loop: accept → policy check → slot → spawn the connection's task.
+//!
+//! The loop does as little as it can per client, so one slow or failing client never holds up
+//! the next: everything that reads from a client (a PROXY header, a TLS handshake) runs on the
+//! connection's own task. At `--max-connections` the loop stops accepting (one accepted client
+//! waits for the next free slot), so newcomers queue in the kernel's backlog.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use metrics::Counter;
+use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::accept_policy::AcceptPolicy;
-use crate::server::Shared;
-use crate::{connection, Error};
+use crate::config::{Cidr, ListenSpec};
+use crate::connection::{Account, Connection};
+use crate::context::ConnContext;
+use crate::echo::ring::Plain;
+use crate::metrics::Rejection;
+use crate::net::accept_policy::{self, AcceptPolicy};
+use crate::net::{self, ClientOptions, ACCEPTED_SOCKETS_INHERIT_OPTIONS};
+use crate::stage::{self, Stack};
 
-/// Binds a listening socket the way a server should: `SO_REUSEADDR` on Unix so a restart does not
-/// wait out TIME_WAIT (on Windows that option would let another process steal the port, so it
-/// is left alone), IPv6 sockets IPv6-only so `0.0.0.0:P` and `[::]:P` can both be listened on,
-/// and the requested backlog.
-pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, Error> {
-    let fail = |source: io::Error| Error::Bind { addr, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
-    #[cfg(unix)]
-    socket.set_reuse_address(true).map_err(fail)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).map_err(fail)?;
+/// One bound stream listener and what its connections get.
+pub(crate) struct StreamListener {
+    pub socket: TcpListener,
+    /// The listener as given, with its bound address.
+    pub spec: ListenSpec,
+    /// Its `listener` metrics label.
+    pub label: String,
+    /// Its stages; `None` for a plain TCP echo.
+    pub stack: Option<Arc<Stack>>,
+    /// Peers allowed to send PROXY headers (empty: any).
+    pub proxy_from: Vec<Cidr>,
+    accepted: Counter,
+    /// Whether accepted sockets inherit the client options set on the listening socket.
+    inherited: bool,
+}
+
+/// What every accept loop shares.
+pub(crate) struct AcceptContext {
+    pub conn: Arc<ConnContext>,
+    pub limit: Arc<Semaphore>,
+    pub tracker: TaskTracker,
+    pub options: ClientOptions,
+}
+
+impl StreamListener {
+    pub fn new(
+        socket: TcpListener,
+        spec: ListenSpec,
+        stack: Option<Arc<Stack>>,
+        proxy_from: Vec<Cidr>,
+        accept: &AcceptContext,
+    ) -> StreamListener {
+        let label = spec.label();
+        let accepted = accept.conn.metrics.accepted(&label);
+        let inherited = ACCEPTED_SOCKETS_INHERIT_OPTIONS
+            && {
+                match accept.options.apply(SockRef::from(&socket)) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        debug!(listener = %spec, error = %err, "setting client options on the listener failed; setting them per client");
+                        false
+                    }
+                }
+            };
+        StreamListener { socket, spec, label, stack, proxy_from, accepted, inherited }
     }
-    socket.set_nonblocking(true).map_err(fail)?;
-    socket.bind(&addr.into()).map_err(fail)?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32).map_err(fail)?;
-    TcpListener::from_std(socket.into()).map_err(fail)
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.spec.addr
+    }
 }
 
 /// Accepts clients on one listener until `stop` is cancelled, spawning one task per client.
-///
-/// Before each accept the loop takes a slot of the shared connection limit; at the limit it
-/// simply stops accepting, and the kernel's backlog holds newcomers until a connection ends. When
-/// the loop returns, the listener is dropped: the port closes and new connects are refused.
+/// When the loop returns the listener stays open (the caller owns it); the caller drops it to
+/// refuse new connects.
 pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    addr: SocketAddr,
-    shared: Arc<Shared>,
+    listener: Arc<StreamListener>,
+    accept: Arc<AcceptContext>,
     stop: CancellationToken,
 ) {
-    let mut policy = AcceptPolicy::new(addr);
-    let inherited = set_inherited_options(&listener, addr, shared.tcp_keepalive);
-    let accepted = shared.metrics.accepted(&addr.to_string());
+    let mut policy = AcceptPolicy::new(listener.label.clone());
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            permit = shared.limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_closed) => break,
-            },
-        };
         let result = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            result = listener.accept() => result,
+            result = listener.socket.accept() => result,
         };
-        match result {
-            Ok((stream, peer)) => {
-                policy.on_success();
-                accepted.increment(1);
-                if !inherited {
-                    configure(&stream, &shared, peer);
-                }
-                debug!(%peer, listener = %addr, "connection accepted");
-                shared.tracker.spawn(connection::serve(stream, peer, permit, shared.clone()));
-            }
+        let (stream, peer) = match result {
+            Ok(accepted) => accepted,
             Err(err) => {
-                drop(permit);
-                shared.metrics.accept_error(crate::accept_policy::kind(&err));
+                let kind = accept_policy::kind(&err);
+                accept.conn.metrics.accept_error(kind);
                 if let Some(pause) = policy.on_error(&err) {
                     tokio::select! {
                         biased;
@@ -81,85 +104,79 @@ pub(crate) async fn accept_loop(
                         () = tokio::time::sleep(pause) => {}
                     }
                 }
+                continue;
+            }
+        };
+        policy.on_success();
+        #[cfg(test)]
+        tests::maybe_panic(listener.local_addr());
+        if !listener.proxy_from.is_empty() && !listener.proxy_from.iter().any(|net| net.contains(peer.ip())) {
+            refuse(&stream, peer, &listener, &accept.conn, Rejection::UntrustedProxy);
+            continue;
+        }
+        // The slot is taken after the accept: at the limit, this one client waits for a free
+        // slot and the loop stops polling accept meanwhile (no listener holds a slot idle).
+        let permit = match accept.limit.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                permit = accept.limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_closed) => break,
+                },
+            },
+        };
+        listener.accepted.increment(1);
+        if !listener.inherited {
+            if let Err(err) = accept.options.apply(SockRef::from(&stream)) {
+                warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");
+            }
+        }
+        debug!(%peer, listener = %listener.spec, "connection accepted");
+        match &listener.stack {
+            None => {
+                let account = Account::open(accept.conn.clone(), peer);
+                accept.tracker.spawn(Connection::new(account, permit, stream, Plain));
+            }
+            Some(stack) => {
+                accept.tracker.spawn(stage::serve(stack.clone(), stream, peer, permit, accept.conn.clone()));
             }
         }
     }
-    debug!(listener = %addr, "listener closed");
+    debug!(listener = %listener.spec, "accept loop stopped");
 }
 
-/// Whether an accepted socket starts with its listener's `TCP_NODELAY` and keepalive settings.
-/// Linux copies them (the new socket is cloned from the listener); elsewhere they are set on each
-/// accepted socket.
-const ACCEPTED_SOCKETS_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
-
-/// Sets the client socket options on the listener itself where accepted sockets inherit them,
-/// which saves up to four system calls per connection. Returns whether that worked; if not, the
-/// accept loop sets them on each client instead.
-fn set_inherited_options(listener: &TcpListener, addr: SocketAddr, keepalive: Option<Duration>) -> bool {
-    if !ACCEPTED_SOCKETS_INHERIT_OPTIONS {
-        return false;
+/// Refuses a connection before serving it: reset at once (no TIME_WAIT under a flood), nothing
+/// read, no slot taken, not counted as accepted.
+fn refuse(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    listener: &StreamListener,
+    ctx: &ConnContext,
+    why: Rejection,
+) {
+    if let Err(err) = net::reset_on_close(stream) {
+        debug!(%peer, error = %err, "could not set SO_LINGER for the refusal");
     }
-    match set_client_options(SockRef::from(listener), keepalive) {
-        Ok(()) => true,
-        Err(err) => {
-            debug!(listener = %addr, error = %err, "setting client options on the listener failed; setting them per client");
-            false
-        }
-    }
-}
-
-/// Socket options of an accepted client: `TCP_NODELAY`, because an echo is latency-bound and
-/// Nagle's algorithm would hold small replies back; TCP keepalive, so a peer that vanished without
-/// a FIN or RST is eventually found and its connection freed.
-fn set_client_options(socket: SockRef<'_>, keepalive: Option<Duration>) -> io::Result<()> {
-    socket.set_tcp_nodelay(true)?;
-    if let Some(idle) = keepalive {
-        let keepalive = TcpKeepalive::new().with_time(idle);
-        #[cfg(not(any(target_os = "openbsd", target_os = "haiku")))]
-        let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL);
-        socket.set_tcp_keepalive(&keepalive)?;
-    }
-    Ok(())
-}
-
-/// Time between keepalive probes once the first went unanswered.
-#[cfg(not(any(target_os = "openbsd", target_os = "haiku")))]
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Sets the client options on one accepted socket. A failure is logged, not fatal: the client can
-/// still be served.
-fn configure(stream: &TcpStream, shared: &Shared, peer: SocketAddr) {
-    if let Err(err) = set_client_options(SockRef::from(stream), shared.tcp_keepalive) {
-        warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");
-    }
+    ctx.metrics.rejected(why);
+    debug!(%peer, listener = %listener.spec, reason = why.as_str(), "connection refused");
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
 
-    /// Every accepted client gets TCP_NODELAY and the configured keepalive, whichever way the
-    /// platform gets them there.
-    #[tokio::test]
-    async fn accepted_clients_get_nodelay_and_keepalive() {
-        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let listener = bind(addr, 16).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let keepalive = Duration::from_secs(77);
-        let inherited = set_inherited_options(&listener, addr, Some(keepalive));
-        assert_eq!(inherited, ACCEPTED_SOCKETS_INHERIT_OPTIONS);
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        if !inherited {
-            set_client_options(SockRef::from(&stream), Some(keepalive)).unwrap();
-        }
-        let socket = SockRef::from(&stream);
-        assert!(socket.tcp_nodelay().unwrap(), "TCP_NODELAY");
-        assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE");
-        #[cfg(target_os = "linux")]
-        {
-            assert_eq!(socket.tcp_keepalive_time().unwrap(), keepalive);
-            assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+    /// Listeners whose accept loop panics after its next accept, once (tests of the supervision).
+    pub static PANIC_ON: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+    pub fn maybe_panic(listener: SocketAddr) {
+        let mut armed = PANIC_ON.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(at) = armed.iter().position(|&a| a == listener) {
+            armed.remove(at);
+            drop(armed);
+            panic!("injected accept-loop panic");
         }
     }
 }

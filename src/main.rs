@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use echod::{telemetry, Config};
 
 /// jemalloc on Linux: idle connections then cost under 1 KiB of RSS each (see `echod::memory`).
@@ -18,7 +17,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static JEMALLOC_OPTIONS: &[u8; echod::memory::JEMALLOC_OPTIONS.len()] = echod::memory::JEMALLOC_OPTIONS;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = Config::parse_checked();
     telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads())

@@ -27,6 +27,13 @@ pub const BYTES_RECEIVED: &str = "echod_bytes_received_total";
 pub const BYTES_SENT: &str = "echod_bytes_sent_total";
 pub const CONNECTION_DURATION: &str = "echod_connection_duration_seconds";
 pub const ACCEPT_ERRORS: &str = "echod_accept_errors_total";
+pub const CONNECTIONS_REJECTED: &str = "echod_connections_rejected_total";
+pub const HANDSHAKE_FAILURES: &str = "echod_handshake_failures_total";
+pub const LISTENER_RESTARTS: &str = "echod_listener_restarts_total";
+pub const LISTENERS_ACCEPTING: &str = "echod_listeners_accepting";
+pub const CONNECTIONS_COPYING: &str = "echod_connections_copying";
+pub const BUFFER_MEMORY: &str = "echod_buffer_memory_bytes";
+pub const BUFFER_MEMORY_LIMIT: &str = "echod_buffer_memory_limit_bytes";
 pub const MAX_CONNECTIONS: &str = "echod_max_connections";
 pub const DRAINING: &str = "echod_draining";
 pub const BUILD_INFO: &str = "echod_build_info";
@@ -58,17 +65,30 @@ pub enum CloseReason {
     IdleTimeout,
     /// Still open when the shutdown timeout ran out.
     Shutdown,
-    /// Any other socket error.
+    /// Any other socket error (or a panic in the connection's task).
     Error,
+    /// A stage before the echo failed: a missing, malformed or late PROXY header, a failed TLS
+    /// handshake.
+    HandshakeFailed,
+    /// Refused after its stages by access control (the PROXY header's client address).
+    Rejected,
+    /// Closed (FIN) on purpose by a `close_after` fault.
+    InjectedClose,
+    /// Reset (RST) on purpose by a `reset_after` or `reset_probability` fault.
+    InjectedReset,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 5] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Eof,
         CloseReason::Reset,
         CloseReason::IdleTimeout,
         CloseReason::Shutdown,
         CloseReason::Error,
+        CloseReason::HandshakeFailed,
+        CloseReason::Rejected,
+        CloseReason::InjectedClose,
+        CloseReason::InjectedReset,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +98,10 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Error => "error",
+            CloseReason::HandshakeFailed => "handshake_failed",
+            CloseReason::Rejected => "rejected",
+            CloseReason::InjectedClose => "injected_close",
+            CloseReason::InjectedReset => "injected_reset",
         }
     }
 
@@ -97,6 +121,61 @@ impl CloseReason {
             _ => CloseReason::Error,
         }
     }
+}
+
+/// The stage before the echo that failed: the `stage` label of `echod_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Proxy,
+    Tls,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 2] = [Stage::Proxy, Stage::Tls];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Proxy => "proxy",
+            Stage::Tls => "tls",
+        }
+    }
+}
+
+/// Why a connection was refused before being served: the `reason` label of
+/// `echod_connections_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The client's address is outside `--allow` or inside `--deny`.
+    Denied,
+    /// The client already has `--max-connections-per-source` connections open.
+    PerSourceLimit,
+    /// The client opened more than `--connect-rate-per-source` connections per second.
+    ConnectRate,
+    /// A PROXY listener's peer outside `--proxy-from`.
+    UntrustedProxy,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 4] =
+        [Rejection::Denied, Rejection::PerSourceLimit, Rejection::ConnectRate, Rejection::UntrustedProxy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Denied => "denied",
+            Rejection::PerSourceLimit => "per_source_limit",
+            Rejection::ConnectRate => "connect_rate",
+            Rejection::UntrustedProxy => "untrusted_proxy",
+        }
+    }
+}
+
+/// Figures sampled when `/metrics` is rendered (not kept in the recorder: read where they live).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sampled {
+    pub buffer_memory: usize,
+    pub buffer_memory_limit: usize,
+    pub copying: usize,
+    pub listeners_accepting: usize,
 }
 
 /// The recorder of one server and the handle that renders it.
@@ -122,8 +201,9 @@ impl Registry {
     ///
     /// Sampled figures are written directly rather than through the recorder because the
     /// `metrics` counter type is an integer: CPU and busy seconds would lose their fractions.
-    pub fn render(&self) -> String {
+    pub fn render(&self, sampled: &Sampled) -> String {
         let mut out = self.handle.render();
+        render_sampled(&mut out, sampled);
         render_process(&mut out);
         render_runtime(&mut out);
         out
@@ -151,7 +231,22 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_CLOSED,
         Unit::Count,
-        "Client connections closed, by reason: eof, reset, idle_timeout, shutdown, error."
+        "Client connections closed, by reason: eof, reset, idle_timeout, shutdown, error, handshake_failed, rejected, injected_close, injected_reset."
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        Unit::Count,
+        "Connections refused before being served, by reason: denied, per_source_limit, connect_rate, untrusted_proxy."
+    );
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        Unit::Count,
+        "Connections closed because a stage before the echo failed, by stage: proxy, tls."
+    );
+    describe_counter!(
+        LISTENER_RESTARTS,
+        Unit::Count,
+        "Accept loops that ended unexpectedly and were restarted, by listener."
     );
     describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Bytes received from clients.");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes echoed back to clients.");
@@ -175,6 +270,22 @@ fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
     use std::fmt::Write;
     // Writing to a String cannot fail.
     let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n");
+}
+
+fn render_sampled(out: &mut String, s: &Sampled) {
+    let gauges = [
+        (
+            BUFFER_MEMORY,
+            "Bytes of echo buffers held by copying connections (leased from the budget).",
+            s.buffer_memory,
+        ),
+        (BUFFER_MEMORY_LIMIT, "The echo buffer budget (--max-buffer-memory).", s.buffer_memory_limit),
+        (CONNECTIONS_COPYING, "Connections in a copy phase (holding echo buffers) now.", s.copying),
+        (LISTENERS_ACCEPTING, "Echo listeners whose accept loop is running.", s.listeners_accepting),
+    ];
+    for (name, help, value) in gauges {
+        sample(out, name, "gauge", help, value as f64);
+    }
 }
 
 /// Process figures under the standard names every Prometheus client library uses, gathered by
@@ -234,7 +345,9 @@ fn render_runtime(out: &mut String) {
 pub struct ServerMetrics {
     registry: Option<Registry>,
     active: Gauge,
-    closed: [Counter; 5],
+    closed: [Counter; CloseReason::ALL.len()],
+    handshake_failures: [Counter; Stage::ALL.len()],
+    rejected: [Counter; Rejection::ALL.len()],
     bytes_received: Counter,
     bytes_sent: Counter,
     duration: Histogram,
@@ -248,6 +361,10 @@ impl ServerMetrics {
             registry: None,
             active: ::metrics::gauge!(CONNECTIONS_ACTIVE),
             closed: CloseReason::ALL.map(|r| ::metrics::counter!(CONNECTIONS_CLOSED, "reason" => r.as_str())),
+            handshake_failures: Stage::ALL
+                .map(|s| ::metrics::counter!(HANDSHAKE_FAILURES, "stage" => s.as_str())),
+            rejected: Rejection::ALL
+                .map(|r| ::metrics::counter!(CONNECTIONS_REJECTED, "reason" => r.as_str())),
             bytes_received: ::metrics::counter!(BYTES_RECEIVED),
             bytes_sent: ::metrics::counter!(BYTES_SENT),
             duration: ::metrics::histogram!(CONNECTION_DURATION),
@@ -285,6 +402,22 @@ impl ServerMetrics {
     /// Counts one failed accept of the given kind (rare: looked up by name).
     pub fn accept_error(&self, kind: &'static str) {
         self.with(|| ::metrics::counter!(ACCEPT_ERRORS, "kind" => kind).increment(1));
+    }
+
+    /// Counts an accept loop that ended unexpectedly and was restarted (rare: looked up by name).
+    pub fn listener_restarted(&self, listener: &str) {
+        let label = listener.to_string();
+        self.with(|| ::metrics::counter!(LISTENER_RESTARTS, "listener" => label).increment(1));
+    }
+
+    /// Counts a connection closed because a stage before the echo failed.
+    pub fn handshake_failed(&self, stage: Stage) {
+        self.handshake_failures[stage as usize].increment(1);
+    }
+
+    /// Counts a connection refused before being served.
+    pub fn rejected(&self, why: Rejection) {
+        self.rejected[why as usize].increment(1);
     }
 
     pub fn set_draining(&self, draining: bool) {
@@ -325,16 +458,8 @@ impl ServerMetrics {
         }
     }
 
-    /// Publishes a connection's final counts and records how and after how long it ended.
-    pub fn connection_closed(
-        &self,
-        published: &mut Published,
-        reason: CloseReason,
-        received: u64,
-        sent: u64,
-        lifetime: Duration,
-    ) {
-        self.publish(published, received, sent);
+    /// Records how and after how long a connection ended (its bytes are already published).
+    pub fn connection_closed(&self, reason: CloseReason, lifetime: Duration) {
         self.closed[reason as usize].increment(1);
         self.duration.record(lifetime.as_secs_f64());
         self.active.decrement(1.0);

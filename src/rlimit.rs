@@ -9,6 +9,10 @@
 /// logs, and the runtime's own descriptors.
 pub const RESERVED_FILES: u64 = 128;
 
+/// Below this many connections the default limit is worth a warning: the open-files limit leaves
+/// almost nothing for clients.
+pub const FEW_CONNECTIONS: usize = 256;
+
 /// Connection limit used when `--max-connections` is not given on a system without an
 /// open-files limit (Windows).
 pub const DEFAULT_MAX_CONNECTIONS_UNLIMITED: usize = 100_000;

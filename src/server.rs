@@ -1,5 +1,5 @@
-//! The server: binds the listeners, runs the accept loops and the HTTP endpoint, and coordinates
-//! the graceful drain.
+//! The server: binds every listener, composes the contexts its tasks share, supervises the
+//! accept loops, and coordinates the graceful drain.
 //!
 //! # Shutdown, phase by phase
 //!
@@ -8,17 +8,25 @@
 //! 2. **Delay** (`--shutdown-delay`): listeners keep accepting for a while, for the clients a load
 //!    balancer still sends while it catches up (Kubernetes removes endpoints and signals the pod at
 //!    the same time).
-//! 3. **Listeners close**: new connects are refused. Connections in flight keep echoing.
+//! 3. **Listeners close**: new connects are refused. Connections with nothing in flight (waiting
+//!    for input, everything echoed) are closed at once, with a FIN: closing them loses nothing.
+//!    Connections mid-transfer keep echoing, and close as soon as they have nothing in flight.
 //! 4. **Drain** until every connection has ended or `--shutdown-timeout` passes; then the rest
 //!    are closed (reason `shutdown`) and `run` returns a [`DrainReport`].
 //!
-//! Two signals reach every task: `stop_accepting` (accept loops) and `force_close` (connections,
-//! only after the timeout). Connection tasks are spawned on a [`TaskTracker`], which is how the
-//! server counts and awaits them without keeping any per-connection state of its own.
+//! Connection tasks are spawned on a [`TaskTracker`], which is how the server counts and awaits
+//! them without keeping any per-connection state of its own.
+//!
+//! # Supervision
+//!
+//! Each accept loop runs in a task of its own under a supervisor. If it ends for any reason but
+//! shutdown (a panic), the supervisor logs it, counts it (`echod_listener_restarts_total`),
+//! marks the listener not accepting (`/readyz` answers 503 while no listener accepts) and
+//! restarts it after a pause; the listening socket stays open throughout.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,39 +35,34 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::metrics::{Registry, ServerMetrics};
-use crate::{http, listener, rlimit, systemd, Error};
+use crate::config::{BufferMemory, Config, ListenSpec};
+use crate::context::{ConnContext, HttpContext, ServerState};
+use crate::echo::budget::{self, Budget, LimitSource};
+use crate::echo::INITIAL_BUFFER;
+use crate::listener::{self, AcceptContext, StreamListener};
+use crate::metrics::{Registry, Sampled, ServerMetrics};
+use crate::net::{ClientOptions, Keepalive};
+use crate::stage::banner::{self, Banner};
+use crate::stage::{ProxyStage, Stack};
+use crate::{http, net, rlimit, systemd, Error};
 
 /// After the shutdown timeout, how long connections get to notice the forced close (a copying
 /// connection checks once per tick, 1 s) and finish their tasks.
 const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// State every task of the server can see. Nothing in it belongs to one connection.
-pub(crate) struct Shared {
-    /// One permit per connection slot (`--max-connections`).
-    pub limit: Arc<Semaphore>,
-    /// The connection tasks, to count and await them.
-    pub tracker: TaskTracker,
-    /// Cancelled when the shutdown timeout runs out: connections close at once.
-    pub force_close: CancellationToken,
-    pub idle_timeout: Option<Duration>,
-    pub tcp_keepalive: Option<Duration>,
-    pub metrics: ServerMetrics,
-    /// True from the moment draining starts (`/readyz` answers 503).
-    pub draining: AtomicBool,
-    /// Cancelled once every listener is closed (new connects are refused from then on).
-    pub listeners_closed: CancellationToken,
-}
+/// Pause before a failed accept loop is restarted.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
 /// A bound, not yet running, server.
 pub struct Server {
-    listeners: Vec<(SocketAddr, TcpListener)>,
+    listeners: Vec<Arc<StreamListener>>,
     http: Option<(SocketAddr, TcpListener)>,
-    shared: Arc<Shared>,
+    accept: Arc<AcceptContext>,
+    state: Arc<ServerState>,
     max_connections: usize,
+    budget_source: LimitSource,
     shutdown_timeout: Duration,
     shutdown_delay: Duration,
 }
@@ -76,29 +79,57 @@ pub struct DrainReport {
 /// A view of a running server, for tests and embedders.
 #[derive(Clone)]
 pub struct ServerHandle {
-    shared: Arc<Shared>,
+    conn: Arc<ConnContext>,
+    state: Arc<ServerState>,
+    tracker: TaskTracker,
 }
 
 impl ServerHandle {
     /// Connections being served now.
     pub fn active_connections(&self) -> usize {
-        self.shared.tracker.len()
+        self.tracker.len()
+    }
+
+    /// Connections in a copy phase (holding echo buffers) now.
+    pub fn copying_connections(&self) -> usize {
+        self.conn.budget.copying()
+    }
+
+    /// Bytes of echo buffers leased now, and the budget.
+    pub fn buffer_memory(&self) -> (usize, usize) {
+        (self.conn.budget.used(), self.conn.budget.limit())
     }
 
     /// Whether the drain has started.
     pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::Relaxed)
+        self.state.draining.load(Ordering::Relaxed)
+    }
+
+    /// Listeners whose accept loop is running.
+    pub fn listeners_accepting(&self) -> usize {
+        self.state.accepting.load(Ordering::Relaxed)
     }
 
     /// Completes once the listeners are closed during shutdown.
     pub async fn listeners_closed(&self) {
-        self.shared.listeners_closed.cancelled().await;
+        self.conn.listeners_closed.cancelled().await;
     }
 
     /// The Prometheus text exposition, as `/metrics` serves it (`None` with metrics off).
     pub fn render_metrics(&self) -> Option<String> {
-        self.shared.metrics.registry().map(|r| r.render())
+        render(&self.conn, &self.state)
     }
+}
+
+/// `/metrics`: the recorder's metrics and the figures sampled now.
+pub(crate) fn render(conn: &ConnContext, state: &ServerState) -> Option<String> {
+    let sampled = Sampled {
+        buffer_memory: conn.budget.used(),
+        buffer_memory_limit: conn.budget.limit(),
+        copying: conn.budget.copying(),
+        listeners_accepting: state.accepting.load(Ordering::Relaxed),
+    };
+    conn.metrics.registry().map(|r| r.render(&sampled))
 }
 
 impl Server {
@@ -108,37 +139,92 @@ impl Server {
     /// called within a tokio runtime.
     pub fn bind(config: &Config) -> Result<Server, Error> {
         let open_files = rlimit::raise_open_files_limit();
-        let max_connections =
-            config.max_connections.map_or_else(|| rlimit::default_max_connections(open_files), |n| n.get());
-
-        let mut listeners = systemd::inherited_listeners()?;
-        if listeners.is_empty() {
-            for &addr in &config.listen {
-                let listener = listener::bind(addr, config.backlog)?;
-                let bound = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
-                listeners.push((bound, listener));
+        let max_connections = match config.max_connections {
+            Some(n) => n.get(),
+            None => {
+                let n = rlimit::default_max_connections(open_files);
+                if n < rlimit::FEW_CONNECTIONS {
+                    warn!(
+                        open_files = ?open_files,
+                        max_connections = n,
+                        "the open-files limit leaves room for very few clients; raise it (ulimit -n, LimitNOFILE=) or set --max-connections"
+                    );
+                }
+                n
             }
-        } else {
-            info!(count = listeners.len(), "using listeners passed by systemd; --listen is ignored");
-        }
+        };
+        let (budget_limit, budget_source) = match config.max_buffer_memory {
+            BufferMemory::Bytes(n) => (n, LimitSource::Flag),
+            BufferMemory::Auto => budget::default_limit(),
+        };
+
         let http = config.metrics_listen.0.map(http::bind).transpose()?;
         let registry = http.as_ref().map(|_| Registry::new());
-
-        let shared = Arc::new(Shared {
+        let metrics = Arc::new(ServerMetrics::new(registry, max_connections));
+        let budget = Budget::new(usize::try_from(budget_limit).unwrap_or(usize::MAX), INITIAL_BUFFER);
+        let conn = Arc::new(ConnContext::new(metrics, config.idle_timeout.0, budget));
+        let keepalive = config.tcp_keepalive.0.map(|idle| Keepalive {
+            idle,
+            interval: config.tcp_keepalive_interval,
+            count: config.tcp_keepalive_count,
+        });
+        let accept = Arc::new(AcceptContext {
+            conn,
             limit: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
             tracker: TaskTracker::new(),
-            force_close: CancellationToken::new(),
-            idle_timeout: config.idle_timeout.0,
-            tcp_keepalive: config.tcp_keepalive.0,
-            metrics: ServerMetrics::new(registry, max_connections),
-            draining: AtomicBool::new(false),
-            listeners_closed: CancellationToken::new(),
+            options: ClientOptions { keepalive, user_timeout: config.user_timeout() },
         });
+
+        let mut sockets: Vec<(ListenSpec, TcpListener)> = Vec::new();
+        let inherited = systemd::inherited_listeners()?;
+        if inherited.is_empty() {
+            for spec in &config.listen {
+                let socket = net::bind_tcp(spec.addr, config.backlog)
+                    .map_err(|source| Error::Bind { addr: spec.addr, source })?;
+                let bound = socket.local_addr().map_err(|source| Error::Bind { addr: spec.addr, source })?;
+                sockets.push((spec.with_addr(bound), socket));
+            }
+        } else {
+            info!(
+                count = inherited.len(),
+                "using listeners passed by systemd; --listen only lends them its options"
+            );
+            for (addr, socket) in inherited {
+                // A passed socket takes the scheme and options of the --listen with its address.
+                let spec = config
+                    .listen
+                    .iter()
+                    .find(|s| s.addr == addr)
+                    .map_or_else(|| ListenSpec::tcp(addr), |s| s.clone());
+                sockets.push((spec.with_addr(addr), socket));
+            }
+        }
+        let hostname = banner::hostname();
+        let listeners = sockets
+            .into_iter()
+            .map(|(spec, socket)| {
+                let stack = Stack {
+                    listener: spec.to_string(),
+                    proxy: spec
+                        .proxy
+                        .map(|version| ProxyStage { version, timeout: config.proxy_header_timeout }),
+                    banner: config.banner.as_ref().map(|t| Banner::compile(t, &hostname, &spec.to_string())),
+                    faults: spec.faults.shapes_echo().then_some(spec.faults),
+                    reset_probability: spec.faults.reset_probability.filter(|&p| p > 0.0),
+                };
+                let stack = (!stack.is_empty()).then(|| Arc::new(stack));
+                let proxy_from = if spec.proxy.is_some() { config.proxy_from.clone() } else { Vec::new() };
+                Arc::new(StreamListener::new(socket, spec, stack, proxy_from, &accept))
+            })
+            .collect();
+
         Ok(Server {
             listeners,
             http,
-            shared,
+            accept,
+            state: Arc::new(ServerState::new()),
             max_connections,
+            budget_source,
             shutdown_timeout: config.shutdown_timeout,
             shutdown_delay: config.shutdown_delay,
         })
@@ -146,7 +232,12 @@ impl Server {
 
     /// The addresses the echo listeners are bound to (with ephemeral ports resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(addr, _)| *addr).collect()
+        self.listeners.iter().map(|l| l.local_addr()).collect()
+    }
+
+    /// The listeners as `--listen` spells them, with their bound addresses.
+    pub fn listeners(&self) -> Vec<ListenSpec> {
+        self.listeners.iter().map(|l| l.spec.clone()).collect()
     }
 
     /// The address of the HTTP endpoint, if metrics are on.
@@ -159,31 +250,45 @@ impl Server {
         self.max_connections
     }
 
+    /// The echo buffer budget in bytes, and where its value came from.
+    pub fn buffer_budget(&self) -> (usize, &LimitSource) {
+        (self.accept.conn.budget.limit(), &self.budget_source)
+    }
+
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle { shared: self.shared.clone() }
+        ServerHandle {
+            conn: self.accept.conn.clone(),
+            state: self.state.clone(),
+            tracker: self.accept.tracker.clone(),
+        }
     }
 
     /// Serves until `shutdown` completes, then drains (see the module docs) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> DrainReport {
-        let Server { listeners, http, shared, shutdown_timeout, shutdown_delay, .. } = self;
+        let Server { listeners, http, accept, state, shutdown_timeout, shutdown_delay, .. } = self;
+        let conn = accept.conn.clone();
+        let tracker = accept.tracker.clone();
 
         let http_stop = CancellationToken::new();
-        if let Some((_, listener)) = http {
-            tokio::spawn(http::serve(listener, shared.clone(), http_stop.clone()));
+        if let Some((_, socket)) = http {
+            let context = Arc::new(HttpContext { conn: conn.clone(), state: state.clone() });
+            tokio::spawn(http::serve(socket, context, http_stop.clone()));
         }
         let stop_accepting = CancellationToken::new();
-        let mut accept_loops = JoinSet::new();
-        for (addr, listener) in listeners {
-            accept_loops.spawn(listener::accept_loop(listener, addr, shared.clone(), stop_accepting.clone()));
+        let mut supervisors = JoinSet::new();
+        for listener in listeners {
+            state.accepting.fetch_add(1, Ordering::Relaxed);
+            supervisors.spawn(supervise(listener, accept.clone(), state.clone(), stop_accepting.clone()));
         }
+        drop(accept);
         systemd::notify_ready();
 
         shutdown.await;
-        shared.draining.store(true, Ordering::Relaxed);
-        shared.metrics.set_draining(true);
+        state.draining.store(true, Ordering::Relaxed);
+        conn.metrics.set_draining(true);
         systemd::notify_stopping();
         info!(
-            connections = shared.tracker.len(),
+            connections = tracker.len(),
             delay = ?shutdown_delay,
             "shutdown requested: /readyz answers 503; still accepting during the delay"
         );
@@ -192,23 +297,100 @@ impl Server {
         }
 
         stop_accepting.cancel();
-        while accept_loops.join_next().await.is_some() {}
-        shared.listeners_closed.cancel();
-        shared.tracker.close();
-        let draining = shared.tracker.len();
-        info!(connections = draining, timeout = ?shutdown_timeout, "listeners closed; draining connections");
+        // Each supervisor owns its listener: when they have all returned, every listening socket
+        // is closed and new connects are refused.
+        while supervisors.join_next().await.is_some() {}
+        conn.close_idle();
+        tracker.close();
+        let draining = tracker.len();
+        info!(
+            connections = draining,
+            timeout = ?shutdown_timeout,
+            "listeners closed; idle connections closed, connections with data in flight draining"
+        );
 
         let mut closed_by_timeout = 0;
-        if tokio::time::timeout(shutdown_timeout, shared.tracker.wait()).await.is_err() {
-            closed_by_timeout = shared.tracker.len();
+        if tokio::time::timeout(shutdown_timeout, tracker.wait()).await.is_err() {
+            closed_by_timeout = tracker.len();
             warn!(connections = closed_by_timeout, "shutdown timeout reached; closing remaining connections");
-            shared.force_close.cancel();
-            if tokio::time::timeout(FORCE_CLOSE_GRACE, shared.tracker.wait()).await.is_err() {
-                warn!(connections = shared.tracker.len(), "connections still closing at exit");
+            conn.force_close.cancel();
+            if tokio::time::timeout(FORCE_CLOSE_GRACE, tracker.wait()).await.is_err() {
+                warn!(connections = tracker.len(), "connections still closing at exit");
             }
         }
         http_stop.cancel();
         info!(drained = draining.saturating_sub(closed_by_timeout), closed_by_timeout, "shutdown complete");
         DrainReport { draining, closed_by_timeout }
+    }
+}
+
+/// Runs one listener's accept loop, restarting it if it ends for any reason but `stop`.
+async fn supervise(
+    listener: Arc<StreamListener>,
+    accept: Arc<AcceptContext>,
+    state: Arc<ServerState>,
+    stop: CancellationToken,
+) {
+    loop {
+        let run = tokio::spawn(listener::accept_loop(listener.clone(), accept.clone(), stop.clone()));
+        let ended = run.await;
+        if stop.is_cancelled() {
+            state.accepting.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        state.accepting.fetch_sub(1, Ordering::Relaxed);
+        match ended {
+            Ok(()) => error!(listener = %listener.spec, "accept loop ended unexpectedly; restarting it"),
+            Err(err) => error!(listener = %listener.spec, error = %err, "accept loop failed; restarting it"),
+        }
+        accept.conn.metrics.listener_restarted(&listener.label);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RESTART_PAUSE) => {}
+        }
+        state.accepting.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// An accept loop that panics is logged, counted, reported not ready while down, and
+    /// restarted on the same socket: the listener serves again.
+    #[tokio::test]
+    async fn a_panicking_accept_loop_is_restarted() {
+        use clap::Parser;
+        let config =
+            Config::parse_from(["echod", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]);
+        let server = Server::bind(&config).unwrap();
+        let addr = server.local_addrs()[0];
+        let handle = server.handle();
+        crate::listener::tests::PANIC_ON.lock().unwrap().push(addr);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+
+        // This connect is accepted by the loop that panics, and dropped with it.
+        let _lost = TcpStream::connect(addr).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !handle.render_metrics().unwrap().contains("echod_listener_restarts_total{listener=") {
+            assert!(tokio::time::Instant::now() < deadline, "restart not counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Served again after the restart.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"again").await.unwrap();
+        let mut back = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(&back, b"again");
+        assert_eq!(handle.listeners_accepting(), 1);
+        drop(client);
+        stop.send(()).unwrap();
+        task.await.unwrap();
     }
 }

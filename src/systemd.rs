@@ -14,13 +14,20 @@ use tokio::net::TcpListener;
 
 use crate::Error;
 
-/// Listening sockets passed by systemd socket activation, if any.
+/// Listening sockets passed by systemd socket activation, if any. They are adopted at most
+/// once per process: a second call (a second server in the same process) gets none, rather than
+/// wrapping descriptors another socket already owns.
 #[cfg(unix)]
 pub fn inherited_listeners() -> Result<Vec<(SocketAddr, TcpListener)>, Error> {
     use socket2::{Socket, Type};
     use std::io;
     use std::os::fd::FromRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
+    static ADOPTED: AtomicBool = AtomicBool::new(false);
+    if ADOPTED.swap(true, Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
     let fds = sd_notify::listen_fds().map_err(|e| Error::SocketActivation(e.to_string()))?;
     fds.map(|fd| {
         // SAFETY: LISTEN_PID names this process, so systemd passed these descriptors to it, open;

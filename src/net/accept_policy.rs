@@ -3,17 +3,17 @@
 //! An accept error never ends the server. Errors fall in two groups:
 //!
 //! * **the connection's own**: the client gave up between the handshake and our accept
-//!   (`ECONNABORTED`, `ECONNRESET`, `EPROTO`, a firewall's `EPERM`...). Nothing is wrong with the
-//!   server; accept again at once.
-//! * **the server's resources**: out of file descriptors (`EMFILE`, `ENFILE`), socket buffers
-//!   (`ENOBUFS`) or memory (`ENOMEM`); and anything unknown. Accepting again at once would fail
-//!   again at once: the pending connection stays queued and the listener stays readable, so a
-//!   naive loop spins a core. Instead back off, starting at [`MIN_BACKOFF`] and doubling up to
-//!   [`MAX_BACKOFF`], until an accept succeeds; the log says so at most once per [`LOG_EVERY`],
-//!   with the number of errors in between.
+//!   (`ECONNABORTED`, `ECONNRESET`, `EPROTO`, `EINTR`). Nothing is wrong with the server; accept
+//!   again at once.
+//! * **everything else**: out of file descriptors (`EMFILE`, `ENFILE`), socket buffers
+//!   (`ENOBUFS`) or memory (`ENOMEM`); a security module or firewall refusing the accept
+//!   (`EPERM`, which may repeat for every pending connection); anything unknown. Accepting again
+//!   at once may fail again at once: the pending connection stays queued and the listener stays
+//!   readable, so a naive loop spins a core. Instead back off, starting at [`MIN_BACKOFF`] and
+//!   doubling up to [`MAX_BACKOFF`], until an accept succeeds; the log says so at most once per
+//!   [`LOG_EVERY`], with the number of errors in between.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,12 +30,14 @@ pub fn kind(err: &io::Error) -> &'static str {
             return "connection_aborted"
         }
         io::ErrorKind::OutOfMemory => return "out_of_memory",
+        io::ErrorKind::PermissionDenied => return "permission_denied",
         _ => {}
     }
     match err.raw_os_error() {
         Some(code) if os::TOO_MANY_FILES.contains(&code) => "too_many_open_files",
         Some(code) if os::NO_BUFFERS.contains(&code) => "no_buffers",
         Some(code) if os::NO_MEMORY.contains(&code) => "out_of_memory",
+        Some(code) if os::PERMISSION.contains(&code) => "permission_denied",
         Some(code) if os::CONNECTION.contains(&code) => "connection_aborted",
         _ => "other",
     }
@@ -44,14 +46,16 @@ pub fn kind(err: &io::Error) -> &'static str {
 /// Per-listener state of the policy: the current backoff and the log's rate limit.
 #[derive(Debug)]
 pub struct AcceptPolicy {
-    listener: SocketAddr,
+    listener: String,
     backoff: Duration,
     last_log: Option<Instant>,
     suppressed: u64,
 }
 
 impl AcceptPolicy {
-    pub fn new(listener: SocketAddr) -> AcceptPolicy {
+    /// The policy of one listener, named in its log lines as `listener`.
+    pub fn new(listener: impl Into<String>) -> AcceptPolicy {
+        let listener = listener.into();
         AcceptPolicy { listener, backoff: MIN_BACKOFF, last_log: None, suppressed: 0 }
     }
 
@@ -92,8 +96,8 @@ mod os {
     pub const TOO_MANY_FILES: [i32; 2] = [libc::EMFILE, libc::ENFILE];
     pub const NO_BUFFERS: [i32; 1] = [libc::ENOBUFS];
     pub const NO_MEMORY: [i32; 1] = [libc::ENOMEM];
-    pub const CONNECTION: [i32; 5] =
-        [libc::ECONNABORTED, libc::ECONNRESET, libc::EPROTO, libc::EPERM, libc::EINTR];
+    pub const PERMISSION: [i32; 2] = [libc::EPERM, libc::EACCES];
+    pub const CONNECTION: [i32; 4] = [libc::ECONNABORTED, libc::ECONNRESET, libc::EPROTO, libc::EINTR];
 }
 
 #[cfg(windows)]
@@ -103,6 +107,8 @@ mod os {
     pub const TOO_MANY_FILES: [i32; 1] = [10024];
     pub const NO_BUFFERS: [i32; 1] = [10055];
     pub const NO_MEMORY: [i32; 2] = [8, 14];
+    // WSAEACCES.
+    pub const PERMISSION: [i32; 1] = [10013];
     pub const CONNECTION: [i32; 3] = [10053, 10054, 10004];
 }
 
@@ -112,7 +118,7 @@ mod tests {
 
     #[test]
     fn connection_errors_retry_at_once() {
-        let mut policy = AcceptPolicy::new("127.0.0.1:1".parse().unwrap());
+        let mut policy = AcceptPolicy::new("127.0.0.1:1");
         let err = io::Error::from(io::ErrorKind::ConnectionAborted);
         assert_eq!(kind(&err), "connection_aborted");
         assert_eq!(policy.on_error(&err), None);
@@ -121,7 +127,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn resource_errors_back_off_doubling_to_a_cap_and_reset_on_success() {
-        let mut policy = AcceptPolicy::new("127.0.0.1:1".parse().unwrap());
+        let mut policy = AcceptPolicy::new("127.0.0.1:1");
         let emfile = io::Error::from_raw_os_error(libc::EMFILE);
         assert_eq!(kind(&emfile), "too_many_open_files");
         assert_eq!(kind(&io::Error::from_raw_os_error(libc::ENOBUFS)), "no_buffers");
@@ -134,9 +140,19 @@ mod tests {
         assert_eq!(policy.on_error(&emfile), Some(MIN_BACKOFF));
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_refused_accept_backs_off_instead_of_spinning() {
+        let mut policy = AcceptPolicy::new("127.0.0.1:1");
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        assert_eq!(kind(&eperm), "permission_denied");
+        assert_eq!(policy.on_error(&eperm), Some(MIN_BACKOFF));
+        assert_eq!(policy.on_error(&eperm), Some(MIN_BACKOFF * 2));
+    }
+
     #[test]
     fn unknown_errors_back_off() {
-        let mut policy = AcceptPolicy::new("127.0.0.1:1".parse().unwrap());
+        let mut policy = AcceptPolicy::new("127.0.0.1:1");
         let err = io::Error::other("mystery");
         assert_eq!(kind(&err), "other");
         assert_eq!(policy.on_error(&err), Some(MIN_BACKOFF));

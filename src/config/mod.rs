@@ -1,0 +1,398 @@
+//! Command-line flags and their environment variables, parsed and validated.
+//!
+//! Every flag is documented here, where it is defined: `echod --help` prints these doc
+//! comments, and the README's flag table is written from them. Every flag can also be set
+//! through an `ECHOD_*` environment variable, so containers and systemd units configure echod
+//! without a wrapper script; a flag on the command line wins over the environment.
+//!
+//! Validation happens in clap's value parsers ([`values`]), so a bad value is reported by clap
+//! itself: a message naming the flag and the value, and exit status 2. What only the flags
+//! together can tell (a `tls://` listener without a certificate) is checked by
+//! [`Config::check`], with the same message shape and exit status.
+//!
+//! The typed descriptions flags parse into live in submodules: [`listen_spec`] (`--listen`),
+//! [`banner`] (`--banner`), [`cidr`] (address prefixes).
+
+pub mod banner;
+pub mod cidr;
+pub mod listen_spec;
+pub mod values;
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
+
+pub use banner::{BannerPart, BannerTemplate};
+pub use cidr::Cidr;
+pub use listen_spec::{ByteCount, FaultSpec, ListenSpec, ProxyVersion, Scheme};
+pub use values::{OptionalAddr, OptionalDuration};
+
+/// The default echo listener: TCP on every IPv4 interface, port 8080.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+
+/// The default address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+///
+/// Port 9007: "9" as Prometheus exporters' ports go, "007" for echo (RFC 862's port 7).
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9007";
+
+/// Linux's limits on the keepalive socket options (`TCP_KEEPIDLE`/`TCP_KEEPINTVL` in seconds,
+/// `TCP_KEEPCNT`), applied on every platform so a value that works here works everywhere.
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+pub const MAX_KEEPALIVE_COUNT: u64 = 127;
+
+/// Longest drain phase (`--shutdown-timeout`, `--shutdown-delay`) and handshake timeout.
+const MAX_PHASE: Duration = Duration::from_secs(24 * 3600);
+
+/// A production echo server: every byte a client sends comes back, in order, exactly once.
+///
+/// echod serves each client from its own task, applies connection limits and idle timeouts,
+/// exports Prometheus metrics, and drains gracefully on SIGINT/SIGTERM (ctrl-c on Windows).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "echod", version, about, long_about = None, max_term_width = 100)]
+pub struct Config {
+    /// Listener to serve echo clients on, `[SCHEME://]ADDR[?OPTION=VALUE&...]`; repeat the flag
+    /// for several.
+    ///
+    /// `ADDR` or `tcp://ADDR` is a TCP echo (`0.0.0.0:8080`, `[::1]:7007`; port 0 picks a free
+    /// port, and the bound address is logged). Options of tcp listeners: `proxy=v1|v2|any`
+    /// requires a PROXY protocol header first on every connection; faults (per connection):
+    /// `delay=DURATION`, `rate=BYTES` (per second), `stall_after=BYTES`, `close_after=BYTES`,
+    /// `reset_after=BYTES` (a `MIN-MAX` range draws a point per connection),
+    /// `reset_probability=P`. In the environment, separate listeners with commas.
+    #[arg(
+        long = "listen",
+        value_name = "SPEC",
+        env = "ECHOD_LISTEN",
+        value_delimiter = ',',
+        default_value = DEFAULT_LISTEN,
+        allow_hyphen_values = true,
+        value_parser = parse_listen_spec
+    )]
+    pub listen: Vec<ListenSpec>,
+
+    /// Number of runtime worker threads [default: the number of CPUs available].
+    #[arg(long, value_name = "N", env = "ECHOD_WORKERS", allow_negative_numbers = true)]
+    pub workers: Option<NonZeroUsize>,
+
+    /// Most clients served at once; at the limit echod stops accepting and newcomers wait in
+    /// the kernel's backlog until a slot frees.
+    ///
+    /// Default: the open-files limit less a reserve for the process's own files, so echod
+    /// reaches its own limit before the operating system's.
+    #[arg(long, value_name = "N", env = "ECHOD_MAX_CONNECTIONS", allow_negative_numbers = true)]
+    pub max_connections: Option<NonZeroUsize>,
+
+    /// Most memory all connections together may hold in echo buffers (`256MiB`, `1GiB`;
+    /// `auto`). Buffers grow for bulk traffic only within it; a connection that cannot grow
+    /// keeps echoing with the buffers it has.
+    ///
+    /// `auto`: half the container's memory limit (cgroup) when there is one, else a quarter of
+    /// the machine's memory (1 GiB where neither can be read).
+    #[arg(long, value_name = "SIZE|auto", env = "ECHOD_MAX_BUFFER_MEMORY", default_value = "auto",
+          allow_hyphen_values = true, value_parser = parse_buffer_memory)]
+    pub max_buffer_memory: BufferMemory,
+
+    /// Close a connection after no bytes moved in either direction for this long (`30s`,
+    /// `5m`; `off` disables).
+    #[arg(long, value_name = "DURATION", env = "ECHOD_IDLE_TIMEOUT", default_value = "off",
+          allow_hyphen_values = true,
+          value_parser = |s: &str| values::optional_duration_in(s, Duration::from_millis(10), values::MAX_DURATION))]
+    pub idle_timeout: OptionalDuration,
+
+    /// Idle time before TCP keepalive probes start on a client socket, so peers that vanished
+    /// without a FIN or RST are found and freed (whole seconds, 1s to 32767s; `off` disables).
+    #[arg(long, value_name = "DURATION", env = "ECHOD_TCP_KEEPALIVE", default_value = "60s",
+          allow_hyphen_values = true, value_parser = parse_keepalive)]
+    pub tcp_keepalive: OptionalDuration,
+
+    /// Time between keepalive probes once the first went unanswered (whole seconds).
+    #[arg(long, value_name = "DURATION", env = "ECHOD_TCP_KEEPALIVE_INTERVAL", default_value = "10s",
+          allow_hyphen_values = true,
+          value_parser = |s: &str| values::whole_seconds_in(s, 1, MAX_KEEPALIVE_SECS))]
+    pub tcp_keepalive_interval: Duration,
+
+    /// Unanswered keepalive probes after which the peer is declared gone (1 to 127).
+    #[arg(long, value_name = "N", env = "ECHOD_TCP_KEEPALIVE_COUNT", default_value = "3",
+          allow_hyphen_values = true,
+          value_parser = |s: &str| values::count_in(s, 1, MAX_KEEPALIVE_COUNT).map(|n| n as u32))]
+    pub tcp_keepalive_count: u32,
+
+    /// Longest time sent data may stay unacknowledged before the connection is dropped
+    /// (`TCP_USER_TIMEOUT`, Linux): what frees a peer that vanished with data in flight, which
+    /// keepalive (it only probes idle connections) never finds.
+    ///
+    /// `auto`: the keepalive time plus interval × count, so both cases are freed in the same
+    /// bound; `off` leaves the kernel's retransmission limit (about 15 minutes).
+    #[arg(long, value_name = "DURATION|auto|off", env = "ECHOD_TCP_USER_TIMEOUT", default_value = "auto",
+          allow_hyphen_values = true, value_parser = parse_user_timeout)]
+    pub tcp_user_timeout: UserTimeout,
+
+    /// Length of each listener's queue of connections the kernel completed but echod has not
+    /// yet accepted (the kernel may cap it, e.g. at net.core.somaxconn).
+    #[arg(long, value_name = "N", env = "ECHOD_BACKLOG", default_value_t = 1024, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub backlog: u32,
+
+    /// On SIGINT/SIGTERM, how long clients with data in flight may keep echoing before echod
+    /// closes them and exits (idle clients are closed when the listeners close). A little under
+    /// Kubernetes' default 30 s grace period.
+    #[arg(long, value_name = "DURATION", env = "ECHOD_SHUTDOWN_TIMEOUT", default_value = "25s",
+          allow_hyphen_values = true, value_parser = |s: &str| values::duration_in(s, Duration::ZERO, MAX_PHASE))]
+    pub shutdown_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, keep accepting new clients for this long while `/readyz` already
+    /// answers 503, so load balancers stop sending before the listeners close.
+    #[arg(long, value_name = "DURATION", env = "ECHOD_SHUTDOWN_DELAY", default_value = "0s",
+          allow_hyphen_values = true, value_parser = |s: &str| values::duration_in(s, Duration::ZERO, MAX_PHASE))]
+    pub shutdown_delay: Duration,
+
+    /// How long a client of a `proxy=` listener has to send its PROXY header; then it is
+    /// closed.
+    #[arg(long, value_name = "DURATION", env = "ECHOD_PROXY_HEADER_TIMEOUT", default_value = "5s",
+          allow_hyphen_values = true,
+          value_parser = |s: &str| values::duration_in(s, Duration::from_millis(1), MAX_PHASE))]
+    pub proxy_header_timeout: Duration,
+
+    /// Peers allowed to send PROXY headers (`10.0.0.0/8`, a bare address for one host);
+    /// repeatable, comma-separated in the environment. A connection to a `proxy=` listener from
+    /// any other peer is reset at once, unread. Unset: any peer (echod warns at start).
+    #[arg(long, value_name = "CIDR", env = "ECHOD_PROXY_FROM", value_delimiter = ',')]
+    pub proxy_from: Vec<Cidr>,
+
+    /// A line sent to every stream client before the echo (after any PROXY header):
+    /// placeholders `{hostname}`, `{client}`, `{peer}`, `{server}`, `{listener}`, `{version}`,
+    /// `{client_cert}`; `{{` and `}}` for braces. Tells a tester which backend answered and
+    /// which client address it saw.
+    #[arg(long, value_name = "TEXT", env = "ECHOD_BANNER", allow_hyphen_values = true)]
+    pub banner: Option<BannerTemplate>,
+
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz (`off` disables).
+    #[arg(long, value_name = "ADDR|off", env = "ECHOD_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN,
+          allow_hyphen_values = true, value_parser = values::optional_addr)]
+    pub metrics_listen: OptionalAddr,
+
+    /// Log format on stderr; the level comes from RUST_LOG (default `info`).
+    #[arg(long, value_name = "FORMAT", env = "ECHOD_LOG_FORMAT", value_enum,
+          default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `--max-buffer-memory`: a size, or derived from the machine at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferMemory {
+    Auto,
+    Bytes(u64),
+}
+
+/// `--tcp-user-timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserTimeout {
+    Auto,
+    Off,
+    Fixed(Duration),
+}
+
+fn parse_listen_spec(s: &str) -> Result<ListenSpec, String> {
+    let spec: ListenSpec = s.parse()?;
+    if spec.scheme != Scheme::Tcp {
+        return Err(format!("the {}:// scheme is not supported yet", spec.scheme.as_str()));
+    }
+    Ok(spec)
+}
+
+fn parse_keepalive(s: &str) -> Result<OptionalDuration, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(OptionalDuration(None));
+    }
+    values::whole_seconds_in(s, 1, MAX_KEEPALIVE_SECS).map(|d| OptionalDuration(Some(d)))
+}
+
+fn parse_user_timeout(s: &str) -> Result<UserTimeout, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(UserTimeout::Auto),
+        "off" => Ok(UserTimeout::Off),
+        _ => values::duration_in(s, Duration::from_secs(1), MAX_PHASE).map(UserTimeout::Fixed),
+    }
+}
+
+fn parse_buffer_memory(s: &str) -> Result<BufferMemory, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(BufferMemory::Auto);
+    }
+    values::size_in(s, 1 << 20, 1 << 40).map(BufferMemory::Bytes)
+}
+
+impl Config {
+    /// Parses the process's arguments and environment, then [`check`](Config::check)s them;
+    /// on any error prints it and exits 2.
+    pub fn parse_checked() -> Config {
+        let config = Config::parse();
+        if let Err(err) = config.check() {
+            err.exit();
+        }
+        config
+    }
+
+    /// [`Config::parse_checked`] for a given argument list, returning the error instead.
+    pub fn try_parse_checked_from<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = Config::try_parse_from(args)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// What only the flags together can tell.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        let fail = |message: String| Err(Config::command().error(ErrorKind::ArgumentConflict, message));
+        if !self.proxy_from.is_empty() && !self.listen.iter().any(|l| l.proxy.is_some()) {
+            return fail("--proxy-from is given but no --listen has a proxy= option".into());
+        }
+        Ok(())
+    }
+
+    /// A configuration for tests and embedders: one listener on an ephemeral loopback port,
+    /// metrics off, every other setting at its default.
+    pub fn loopback() -> Config {
+        let mut config = Config::parse_from(["echod", "--listen", "127.0.0.1:0"]);
+        config.metrics_listen = OptionalAddr(None);
+        config
+    }
+
+    /// The worker-thread count: the flag, or the number of CPUs available to this process.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.or_else(|| std::thread::available_parallelism().ok()).map_or(1, NonZeroUsize::get)
+    }
+
+    /// The `TCP_USER_TIMEOUT` in force: `auto` is the keepalive's whole detection time
+    /// (idle + interval × count), so a vanished peer is freed in the same bound whether or not
+    /// data was in flight; with keepalive off, `auto` is off too.
+    pub fn user_timeout(&self) -> Option<Duration> {
+        match self.tcp_user_timeout {
+            UserTimeout::Off => None,
+            UserTimeout::Fixed(d) => Some(d),
+            UserTimeout::Auto => {
+                self.tcp_keepalive.0.map(|idle| idle + self.tcp_keepalive_interval * self.tcp_keepalive_count)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_checked_from(std::iter::once("echod").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn error(args: &[&str]) -> String {
+        Config::try_parse_checked_from(std::iter::once("echod").chain(args.iter().copied()))
+            .expect_err("should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = parse(&[]);
+        assert_eq!(c.listen, vec![DEFAULT_LISTEN.parse::<ListenSpec>().unwrap()]);
+        assert_eq!(c.idle_timeout, OptionalDuration(None));
+        assert_eq!(c.tcp_keepalive, OptionalDuration(Some(Duration::from_secs(60))));
+        assert_eq!(c.tcp_keepalive_interval, Duration::from_secs(10));
+        assert_eq!(c.tcp_keepalive_count, 3);
+        assert_eq!(c.user_timeout(), Some(Duration::from_secs(90)));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
+        assert_eq!(c.shutdown_delay, Duration::ZERO);
+        assert_eq!(c.proxy_header_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_buffer_memory, BufferMemory::Auto);
+        assert_eq!(c.backlog, 1024);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.banner.is_none());
+    }
+
+    #[test]
+    fn listen_repeats_and_takes_specs() {
+        let c = parse(&["--listen", "127.0.0.1:0", "--listen", "tcp://[::1]:7007?proxy=v2"]);
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.listen[1].addr.is_ipv6());
+        assert_eq!(c.listen[1].proxy, Some(ProxyVersion::V2));
+        assert!(error(&["--listen", "udp://127.0.0.1:7"]).contains("not supported yet"));
+    }
+
+    #[test]
+    fn durations_use_humantime_off_and_ranges() {
+        let c = parse(&["--idle-timeout", "1m 30s", "--tcp-keepalive", "off"]);
+        assert_eq!(c.idle_timeout, OptionalDuration(Some(Duration::from_secs(90))));
+        assert_eq!(c.tcp_keepalive, OptionalDuration(None));
+        assert_eq!(c.user_timeout(), None, "auto follows keepalive off");
+        for (flag, value) in [
+            ("--idle-timeout", "0s"),
+            ("--idle-timeout", "soon"),
+            ("--idle-timeout", "1000years"),
+            ("--tcp-keepalive", "10h"),
+            ("--tcp-keepalive", "0s"),
+            ("--tcp-keepalive-interval", "1500ms"),
+            ("--tcp-keepalive-count", "0"),
+            ("--tcp-keepalive-count", "128"),
+            ("--tcp-user-timeout", "0s"),
+            ("--shutdown-timeout", "-5s"),
+            ("--shutdown-delay", "2d"),
+            ("--proxy-header-timeout", "0s"),
+            ("--max-buffer-memory", "1KiB"),
+            ("--max-buffer-memory", "-1MiB"),
+        ] {
+            let message = error(&[flag, value]);
+            assert!(message.contains(flag), "{flag} {value}: {message}");
+        }
+        let c = parse(&["--tcp-user-timeout", "30s", "--max-buffer-memory", "64MiB"]);
+        assert_eq!(c.user_timeout(), Some(Duration::from_secs(30)));
+        assert_eq!(c.max_buffer_memory, BufferMemory::Bytes(64 << 20));
+    }
+
+    #[test]
+    fn metrics_listen_can_be_off() {
+        let c = parse(&["--metrics-listen", "off"]);
+        assert_eq!(c.metrics_listen, OptionalAddr(None));
+    }
+
+    #[test]
+    fn zero_workers_and_connections_are_rejected() {
+        assert!(Config::try_parse_from(["echod", "--workers", "0"]).is_err());
+        assert!(Config::try_parse_from(["echod", "--max-connections", "0"]).is_err());
+    }
+
+    #[test]
+    fn proxy_from_needs_a_proxy_listener() {
+        assert!(error(&["--proxy-from", "10.0.0.0/8"]).contains("--proxy-from"));
+        let c = parse(&["--listen", "127.0.0.1:0?proxy=v1", "--proxy-from", "10.0.0.0/8,127.0.0.1"]);
+        assert_eq!(c.proxy_from.len(), 2);
+        assert!(error(&["--listen", "127.0.0.1:0?proxy=v1", "--proxy-from", "10.0.0.0/40"])
+            .contains("--proxy-from"));
+    }
+
+    #[test]
+    fn banner_templates_are_checked() {
+        let c = parse(&["--banner", "{hostname} {client}"]);
+        assert_eq!(c.banner.unwrap().parts.len(), 3);
+        assert!(error(&["--banner", "{nope}"]).contains("--banner"));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Config::command().debug_assert();
+    }
+}

@@ -1,0 +1,329 @@
+//! The copy phase: `copy_bidirectional` between the client stream and the loop, watched by a
+//! tick that publishes counts, enforces the idle timeout and ends the phase when traffic stops.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::budget::Budget;
+use super::ring::{Loop, Pace};
+use super::traffic::Traffic;
+use super::{EchoStream, MAX_BUFFER};
+use crate::context::ConnContext;
+use crate::metrics::{CloseReason, Published};
+
+/// How often a copying connection publishes its byte counts, checks whether it went quiet, and
+/// checks for the forced close at the end of a drain.
+pub(crate) const TICK: Duration = Duration::from_secs(1);
+
+/// Polls of the copy in a row before yielding to the scheduler anyway.
+const MAX_REPOLLS: u32 = 8;
+
+/// Why a copy phase ended.
+pub(crate) enum PhaseEnd {
+    /// Both directions finished: the client closed and got everything back.
+    Finished,
+    /// A read filled the buffer; start again with bigger buffers.
+    Grow,
+    /// Nothing buffered and nothing to read: free the buffers and wait.
+    Quiet,
+    /// Closed by the server: idle timeout or shutdown.
+    Closed(CloseReason),
+    /// A fault's reset point was reached, with everything before it sent.
+    InjectedReset,
+    /// The socket failed.
+    Failed(io::Error),
+}
+
+/// A finished copy phase: the stream and pace back, why it ended, and what it published.
+pub(crate) struct CopyOutcome<S, P> {
+    pub stream: S,
+    pub pace: P,
+    pub end: PhaseEnd,
+    pub published: Published,
+    pub last_activity: Instant,
+    /// The buffer size the phase ran with (the budget may have granted less than asked).
+    pub size: usize,
+}
+
+/// A running copy phase, boxed: connections that wait do not carry its state.
+pub(crate) type CopyPhase<S, P> = Pin<Box<dyn Future<Output = CopyOutcome<S, P>> + Send>>;
+
+/// What a copy phase starts from.
+pub(crate) struct PhaseStart<S, P> {
+    pub stream: S,
+    pub pace: P,
+    pub published: Published,
+    /// Buffer size asked for; the budget grants it or less.
+    pub size: usize,
+    /// End the phase as soon as it is drained rather than on a quiet tick.
+    pub end_when_drained: bool,
+}
+
+/// Starts a copy phase. It owns the stream and everything the copy borrows, in one allocation
+/// that exists only while copying, and gives the stream back when it ends.
+pub(crate) fn copy_phase<S: EchoStream, P: Pace + 'static>(
+    start: PhaseStart<S, P>,
+    ctx: Arc<ConnContext>,
+) -> CopyPhase<S, P> {
+    Box::pin(async move {
+        let PhaseStart { mut stream, mut pace, published, size, end_when_drained } = start;
+        let lease = Lease::take(&ctx.budget, size);
+        let traffic = Traffic::new(published);
+        if P::ACTIVE {
+            pace.start_phase(&traffic);
+        }
+        let (end, published, last_activity, pace) = {
+            let can_grow = lease.size < MAX_BUFFER && ctx.budget.has_room(lease.size * 4);
+            let mut client = Metered::new(&mut stream, &traffic, can_grow);
+            let mut echo_loop = Loop::new(lease.size, &traffic, pace);
+            let (end, published, last_activity) = {
+                // Pinned in place and handed on by reference: passed by value, the copy's state
+                // would be stored twice in this future (once as the argument, once pinned).
+                let copy = std::pin::pin!(tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut echo_loop,
+                    lease.size,
+                    lease.size
+                ));
+                let ticker = std::pin::pin!(tokio::time::sleep_until(Instant::now() + tick(&ctx)));
+                let watch =
+                    Watch { traffic: &traffic, ctx: &ctx, published, end_when_drained, faulty: P::ACTIVE };
+                watch.run(copy, ticker).await
+            };
+            (end, published, last_activity, echo_loop.into_pace())
+        };
+        let mut published = published;
+        let (received, sent) = traffic.totals();
+        ctx.metrics.publish(&mut published, received, sent);
+        let size = lease.size;
+        drop(lease);
+        if matches!(end, PhaseEnd::InjectedReset) {
+            crate::net::reset_after_delivery(stream.tcp()).await;
+        }
+        CopyOutcome { stream, pace, end, published, last_activity, size }
+    })
+}
+
+/// The tick of a copy phase: 1 s, or a quarter of the idle timeout (at least 10 ms).
+fn tick(ctx: &ConnContext) -> Duration {
+    ctx.idle_timeout.map_or(TICK, |t| (t / 4).clamp(Duration::from_millis(10), TICK))
+}
+
+/// A phase's lease on the buffer budget, returned when the phase ends or is dropped.
+struct Lease<'a> {
+    budget: &'a Budget,
+    size: usize,
+}
+
+impl<'a> Lease<'a> {
+    fn take(budget: &'a Budget, wanted: usize) -> Lease<'a> {
+        Lease { budget, size: budget.lease(wanted) }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.size);
+    }
+}
+
+/// What the copy phase's tick reads and updates.
+struct Watch<'a> {
+    traffic: &'a Traffic,
+    ctx: &'a ConnContext,
+    published: Published,
+    end_when_drained: bool,
+    faulty: bool,
+}
+
+impl<'a> Watch<'a> {
+    /// Drives the copy and, once per tick, publishes the counts and decides whether the phase
+    /// ends. Returns why it ended, what it published, and when traffic was last seen.
+    ///
+    /// The tick's timer is polled only when it has fired (`is_elapsed`, one atomic load) rather
+    /// than on every wake: a busy connection is woken once per message, and polling a timer
+    /// re-registers the task's waker with it each time.
+    fn run<F>(
+        self,
+        mut copy: Pin<&'a mut F>,
+        mut ticker: Pin<&'a mut Sleep>,
+    ) -> impl Future<Output = (PhaseEnd, Published, Instant)> + 'a
+    where
+        F: Future<Output = io::Result<(u64, u64)>>,
+    {
+        let Watch { traffic, ctx, mut published, end_when_drained, faulty } = self;
+        let mut armed = false;
+        let mut seen = traffic.totals();
+        let mut last_activity = Instant::now();
+        // The forced close at the end of a drain is checked on the tick rather than raced here:
+        // a cancellation future locks the token's shared mutex every time it is polled, and
+        // this is polled on every wake of every busy connection.
+        std::future::poll_fn(move |cx| {
+            macro_rules! end {
+                ($end:expr) => {
+                    Poll::Ready(($end, published, last_activity))
+                };
+            }
+            let mut polls = 0;
+            loop {
+                if let Poll::Ready(result) = copy.as_mut().poll(cx) {
+                    return end!(match result {
+                        Ok(_) => PhaseEnd::Finished,
+                        Err(err) if GrowPoint::is(&err) => PhaseEnd::Grow,
+                        Err(err) => PhaseEnd::Failed(err),
+                    });
+                }
+                // One end of the loop unblocked the other, parked, end (see `ring`): poll again
+                // now, which is what a wake would have done, minus the trip through the scheduler.
+                if !traffic.wanted() {
+                    break;
+                }
+                polls += 1;
+                if polls == MAX_REPOLLS {
+                    cx.waker().wake_by_ref();
+                    break;
+                }
+            }
+            if faulty && traffic.sent.load(Relaxed) >= traffic.reset_at.load(Relaxed) && traffic.flushed() {
+                return end!(PhaseEnd::InjectedReset);
+            }
+            if end_when_drained && traffic.drained() {
+                return end!(PhaseEnd::Quiet);
+            }
+            if armed && !ticker.is_elapsed() {
+                return Poll::Pending;
+            }
+            armed = true;
+            while ticker.as_mut().poll(cx).is_ready() {
+                let now = traffic.totals();
+                ctx.metrics.publish(&mut published, now.0, now.1);
+                if ctx.force_close.is_cancelled() {
+                    return end!(PhaseEnd::Closed(CloseReason::Shutdown));
+                }
+                let at = Instant::now();
+                if now != seen {
+                    seen = now;
+                    last_activity = at;
+                } else if ctx.idle_timeout.is_some_and(|t| at - last_activity >= t) {
+                    return end!(PhaseEnd::Closed(CloseReason::IdleTimeout));
+                } else if traffic.drained() {
+                    return end!(PhaseEnd::Quiet);
+                }
+                ticker.as_mut().reset(at + tick(ctx));
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// The error a [`Metered`] reader returns to stop a copy at a safe point so it can restart with
+/// bigger buffers. It never leaves this module.
+#[derive(Debug)]
+struct GrowPoint;
+
+impl GrowPoint {
+    fn error() -> io::Error {
+        io::Error::other(GrowPoint)
+    }
+
+    fn is(err: &io::Error) -> bool {
+        err.get_ref().is_some_and(|inner| inner.is::<GrowPoint>())
+    }
+}
+
+impl std::fmt::Display for GrowPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("buffer growth point")
+    }
+}
+
+impl std::error::Error for GrowPoint {}
+
+/// The client stream as the copy sees it: counts bytes in [`Traffic`], notes EOF and whether
+/// the socket has more to read, and notices reads that fill the whole buffer.
+pub(crate) struct Metered<'a, S> {
+    stream: &'a mut S,
+    traffic: &'a Traffic,
+    can_grow: bool,
+}
+
+impl<'a, S: EchoStream> Metered<'a, S> {
+    pub(crate) fn new(stream: &'a mut S, traffic: &'a Traffic, can_grow: bool) -> Self {
+        traffic.grow.store(false, Relaxed);
+        Metered { stream, traffic, can_grow }
+    }
+}
+
+impl<S: EchoStream> AsyncRead for Metered<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let traffic = self.traffic;
+        // A read with everything echoed is the safe point to end the copy: both buffers and
+        // the loop are empty, so dropping the copy loses nothing.
+        if traffic.grow.load(Relaxed) && traffic.balanced() {
+            return Poll::Ready(Err(GrowPoint::error()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut *self.stream).poll_read(cx, buf) {
+            Poll::Pending => {
+                traffic.read_pending.store(true, Relaxed);
+                Poll::Pending
+            }
+            Poll::Ready(Ok(())) => {
+                traffic.read_pending.store(false, Relaxed);
+                let n = buf.filled().len() - before;
+                if n == 0 {
+                    traffic.eof.store(true, Relaxed);
+                } else {
+                    Traffic::add(&traffic.received, n);
+                    if self.can_grow && buf.remaining() == 0 && before == 0 {
+                        traffic.grow.store(true, Relaxed);
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) if S::is_end_of_stream(&err) => {
+                traffic.read_pending.store(false, Relaxed);
+                traffic.eof.store(true, Relaxed);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+        }
+    }
+}
+
+impl<S: EchoStream> AsyncWrite for Metered<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut *self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            Traffic::add(&self.traffic.sent, n);
+            if S::BUFFERED_WRITES {
+                self.traffic.unflushed.store(true, Relaxed);
+            }
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut *self.stream).poll_flush(cx);
+        if S::BUFFERED_WRITES && matches!(result, Poll::Ready(Ok(()))) {
+            self.traffic.unflushed.store(false, Relaxed);
+        }
+        result
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,68 @@
+//! The echo itself: `tokio::io::copy_bidirectional` between a client stream and an in-memory
+//! loop, in phases that hold buffers only while data flows.
+//!
+//! * [`ring`]: the loop between the two copies, and the [`Pace`](ring::Pace) hook through which
+//!   faults hold bytes back;
+//! * [`copy`]: one copy phase (the copy, its metered view of the client, the tick);
+//! * [`faults`]: the paces that inject delay, rate limits, stalls, closes and resets;
+//! * [`budget`]: the process-wide limit on echo buffer memory;
+//! * [`traffic`]: the counts and flags one phase's parts share.
+//!
+//! What the loop makes fall out of the copy for free:
+//!
+//! * **order and exactly-once**: one byte stream through two FIFO copies;
+//! * **half-close**: when the client's FIN arrives the copy shuts the loop down; the loop then
+//!   drains what it still holds, reports EOF, and the copy shuts down our side of the stream, so
+//!   the client reads everything and then a clean EOF;
+//! * **backpressure**: the loop holds at most one buffer's worth. A client that sends but never
+//!   reads fills its receive window, our writes stall, the loop fills, the copy stops reading, and
+//!   the client's own send window closes. Memory per connection stays bounded.
+
+pub mod budget;
+pub(crate) mod copy;
+pub(crate) mod faults;
+pub(crate) mod ring;
+pub(crate) mod traffic;
+
+use std::io;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// Buffer size a connection starts with: one page, enough for typical request/response sizes.
+pub const INITIAL_BUFFER: usize = 4 * 1024;
+
+/// Largest buffer a connection grows to. Large reads and writes cut syscalls per MiB for bulk
+/// streams; the loop and two copy buffers bound a connection's echo memory at three times this.
+pub const MAX_BUFFER: usize = 256 * 1024;
+
+/// A client stream the echo runs over: a TCP socket, or a TLS session on one.
+pub(crate) trait EchoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Writes are buffered in the stream (TLS records) until flushed.
+    const BUFFERED_WRITES: bool;
+
+    /// Ready when a read would make progress: data, EOF or an error.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &TcpStream;
+
+    /// Whether a read error is really the end of the stream (a TLS peer that closed the TCP
+    /// connection without a close_notify: the client is done sending, as with a FIN).
+    fn is_end_of_stream(_err: &io::Error) -> bool {
+        false
+    }
+}
+
+impl EchoStream for TcpStream {
+    const BUFFERED_WRITES: bool = false;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}

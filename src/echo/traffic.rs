@@ -1,0 +1,83 @@
+//! One copy phase's byte counts and flags, shared by the metered socket, the loop and the phase's
+//! watch.
+//!
+//! Only the connection's own task touches them, so the atomics are uncontended: single-writer
+//! loads and stores, no read-modify-write. (They are atomics rather than `Cell`s because the
+//! phase's future must be `Send`, and its parts hold `&Traffic`.)
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use crate::metrics::Published;
+
+pub(crate) struct Traffic {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    /// The client's FIN has been read: the copy is finishing and must not be interrupted.
+    pub eof: AtomicBool,
+    /// A read filled the whole buffer: grow at the next balanced point.
+    pub grow: AtomicBool,
+    /// The last read of the client socket returned `Pending`: nothing more is waiting in it.
+    pub read_pending: AtomicBool,
+    /// Bytes written to a stream that buffers writes (TLS) and not yet flushed.
+    pub unflushed: AtomicBool,
+    /// The loop's reader last returned `Pending` (see `ring`).
+    pub reader_parked: AtomicBool,
+    /// Data or EOF reached the loop while its reader was parked: poll the copy again.
+    pub reader_wanted: AtomicBool,
+    /// The loop's writer last returned `Pending`: the loop was full.
+    pub writer_parked: AtomicBool,
+    /// The reader made room while the writer was parked: poll the copy again.
+    pub writer_wanted: AtomicBool,
+    /// A fault resets the connection once this many bytes have been sent (`u64::MAX`: never).
+    pub reset_at: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts continuing from the connection's totals so far.
+    pub fn new(totals: Published) -> Traffic {
+        Traffic {
+            received: AtomicU64::new(totals.received),
+            sent: AtomicU64::new(totals.sent),
+            eof: AtomicBool::new(false),
+            grow: AtomicBool::new(false),
+            read_pending: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
+            reader_parked: AtomicBool::new(false),
+            reader_wanted: AtomicBool::new(false),
+            writer_parked: AtomicBool::new(false),
+            writer_wanted: AtomicBool::new(false),
+            reset_at: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.store(counter.load(Relaxed) + n as u64, Relaxed);
+    }
+
+    pub fn totals(&self) -> (u64, u64) {
+        (self.received.load(Relaxed), self.sent.load(Relaxed))
+    }
+
+    /// Every byte received has been echoed and flushed: nothing is buffered anywhere in the
+    /// connection, so the copy can be dropped without losing a byte.
+    pub fn balanced(&self) -> bool {
+        let (received, sent) = self.totals();
+        received == sent && !self.unflushed.load(Relaxed)
+    }
+
+    /// Everything written to the client stream has been flushed to the socket.
+    pub fn flushed(&self) -> bool {
+        !self.unflushed.load(Relaxed)
+    }
+
+    /// Balanced, and the client has nothing more waiting to be read: the phase has done all there
+    /// is to do for now.
+    pub fn drained(&self) -> bool {
+        self.read_pending.load(Relaxed) && !self.eof.load(Relaxed) && self.balanced()
+    }
+
+    /// One end of the loop unblocked the other: the copy must be polled again.
+    pub fn wanted(&self) -> bool {
+        self.reader_wanted.load(Relaxed) || self.writer_wanted.load(Relaxed)
+    }
+}
