@@ -104,8 +104,7 @@ fn describe(args: &[&str], out: &Output) -> String {
 fn assert_passes(target: SocketAddr, args: &[&str]) -> serde_json::Value {
     let out = bench(target, args);
     assert!(out.status.success(), "{}", describe(args, &out));
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(args, &out)));
+    let report = json_line(&out, &describe(args, &out));
     assert_eq!(report["ok"], true, "{}", describe(args, &out));
     assert_eq!(report["errors"], 0, "{}", describe(args, &out));
     assert!(report["messages"].as_u64().unwrap_or(0) > 0, "{}", describe(args, &out));
@@ -138,6 +137,22 @@ fn every_mode_passes_against_echod() {
     let r = assert_passes(t, &["hold", "-c", "100", "-d", "500ms"]);
     assert_eq!(r["hold"]["held"], 100);
     assert_eq!(r["hold"]["sample_ok"], 100);
+
+    // The same with a ramp, a warm-up and the histogram embedded.
+    let timing = ["--connect-rate", "200", "--warmup", "200ms", "--histogram", "-"];
+    for mode in [
+        &["pingpong", "-c", "4", "-n", "400"][..],
+        &["stream", "-c", "2", "-n", "40"],
+        &["churn", "-c", "4", "-n", "40"],
+    ] {
+        let r = assert_passes(t, &[&timing[..], mode].concat());
+        assert_eq!(r["messages"].as_u64(), mode[4].parse().ok(), "{r}");
+        assert_eq!(r["latency_us"]["count"], r["messages"]);
+        assert!(r["histogram"].is_string(), "{r}");
+    }
+    let r =
+        assert_passes(t, &["--connect-rate", "400", "--histogram", "-", "hold", "-c", "40", "-d", "100ms"]);
+    assert_eq!(r["hold"]["sample_ok"], 40);
 }
 
 #[test]
@@ -352,8 +367,7 @@ fn assert_fails(target: SocketAddr, args: &[&str], expect: &str) {
     let out = bench(target, args);
     let text = describe(args, &out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let report = json_line(&out, &text);
     assert_eq!(report["ok"], false, "{text}");
     assert!(report["error_kinds"][expect].as_u64().unwrap_or(0) > 0, "expected a `{expect}` error: {text}");
 }
@@ -822,6 +836,31 @@ fn tls_in_every_mode() {
         assert_passes(addr, &[&args[..], &["handshake", "-c", "2", "-n", "20", "--rate", "200"]].concat());
     assert_eq!((r["messages"].as_u64(), r["connections_opened"].as_u64()), (Some(20), Some(20)), "{r}");
     assert!(r["latency_us"]["p50"].as_f64().unwrap() > 0.0);
+
+    // PROXY header, TLS and banner together, in the handshake mode too.
+    let (both, _) = start_double(Double {
+        proxy: Some(1),
+        tls: tls.clone(),
+        banner: Some("{client} {tls}"),
+        ..Double::default()
+    });
+    let r = assert_passes(
+        both,
+        &[
+            "--proxy-protocol",
+            "v1",
+            "--tls",
+            "--tls-ca",
+            &ca,
+            "--expect-banner=198.18.* 1.3",
+            "handshake",
+            "-n",
+            "20",
+            "--rate",
+            "200",
+        ],
+    );
+    assert_eq!(banners(&r).len(), 20, "a distinct client per connection: {r}");
 
     // TLS 1.2 only.
     let r = assert_passes(
