@@ -555,6 +555,14 @@ fn merge_is_exact() {
     let c_log = dir.write("c.log", &c.stdout);
     let out = bench_raw(&["merge", a_json.to_str().unwrap(), c_log.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&["merge modes"], &out));
+    // A histogram that cannot be written fails the run, naming the flag.
+    let out = bench(echod.addr, &["--histogram", "/nonexistent/dir/h.hlog", "pingpong", "-n", "10"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&["unwritable"], &out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--histogram"),
+        "{}",
+        describe(&["unwritable"], &out)
+    );
     let d = bench(echod.addr, &["pingpong", "-n", "10"]);
     let d_json = dir.write("d.json", &d.stdout);
     let out = bench_raw(&["merge", d_json.to_str().unwrap()]);
@@ -766,6 +774,23 @@ fn proxy_header_in_every_mode() {
         );
         assert_eq!(banners(&r).len(), 5, "a port per connection: {r}");
         assert_eq!(r["proxy_protocol"], version);
+        // The first 100 distinct banners are kept, the rest only counted.
+        let r = assert_passes(
+            addr,
+            &[
+                "--proxy-protocol",
+                version,
+                "--expect-banner",
+                "churn",
+                "-c",
+                "4",
+                "-n",
+                "120",
+                "--rate",
+                "1000",
+            ],
+        );
+        assert_eq!((banners(&r).len(), r["other_banners"].as_u64()), (100, Some(20)), "{r}");
         // No header, or the other version: the double closes, the run fails.
         let other = if version == "v1" { "v2" } else { "v1" };
         for args in [&["pingpong", "-n", "5"][..], &["--proxy-protocol", other, "pingpong", "-n", "5"]] {
