@@ -19,6 +19,7 @@ pub mod listen_spec;
 pub mod values;
 
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
@@ -56,8 +57,10 @@ pub struct Config {
     /// for several.
     ///
     /// `ADDR` or `tcp://ADDR` is a TCP echo (`0.0.0.0:8080`, `[::1]:7007`; port 0 picks a free
-    /// port, and the bound address is logged). Options of tcp listeners: `proxy=v1|v2|any`
-    /// requires a PROXY protocol header first on every connection; faults (per connection):
+    /// port, and the bound address is logged); `tls://ADDR` is the same echo over TLS 1.2 or 1.3
+    /// (needs `--tls-cert` and `--tls-key`). Options of tcp and tls listeners:
+    /// `proxy=v1|v2|any` requires a PROXY protocol header first on every connection (before the
+    /// TLS handshake); faults (per connection):
     /// `delay=DURATION`, `rate=BYTES` (per second), `stall_after=BYTES`, `close_after=BYTES`,
     /// `reset_after=BYTES` (a `MIN-MAX` range draws a point per connection),
     /// `reset_probability=P`. In the environment, separate listeners with commas.
@@ -168,6 +171,37 @@ pub struct Config {
     #[arg(long, value_name = "TEXT", env = "ECHOD_BANNER", allow_hyphen_values = true)]
     pub banner: Option<BannerTemplate>,
 
+    /// Certificate chain of the `tls://` listeners (PEM, the server's certificate first, then
+    /// any intermediates). Re-read on SIGHUP and when it changes on disk; a file that does not
+    /// load then is logged and the previous certificate stays in use.
+    #[arg(long, value_name = "FILE", env = "ECHOD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of `--tls-cert` (PEM: PKCS#8, PKCS#1 or SEC1). Re-read with the certificate.
+    #[arg(long, value_name = "FILE", env = "ECHOD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: clients of the `tls://` listeners must present a certificate that chains to
+    /// one of these CA certificates (PEM bundle); re-read with the certificate. The client
+    /// certificate's subject is logged at debug and fills the banner's `{client_cert}`.
+    #[arg(long, value_name = "FILE", env = "ECHOD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How long a client of a `tls://` listener has to complete its TLS handshake (after any
+    /// PROXY header); then it is closed.
+    #[arg(long, value_name = "DURATION", env = "ECHOD_TLS_HANDSHAKE_TIMEOUT", default_value = "10s",
+          allow_hyphen_values = true,
+          value_parser = |s: &str| values::duration_in(s, Duration::from_millis(1), MAX_PHASE))]
+    pub tls_handshake_timeout: Duration,
+
+    /// How often the TLS files (certificate, key, client CA) are checked for changes, which
+    /// are then loaded for new handshakes (`off`: only on SIGHUP). Replacing the files, as
+    /// Kubernetes does when it updates a mounted Secret, is a change.
+    #[arg(long, value_name = "DURATION", env = "ECHOD_TLS_RELOAD_INTERVAL", default_value = "10s",
+          allow_hyphen_values = true,
+          value_parser = |s: &str| values::optional_duration_in(s, Duration::from_millis(100), MAX_PHASE))]
+    pub tls_reload_interval: OptionalDuration,
+
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz (`off` disables).
     #[arg(long, value_name = "ADDR|off", env = "ECHOD_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN,
           allow_hyphen_values = true, value_parser = values::optional_addr)]
@@ -188,6 +222,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// The files TLS is configured from: `--tls-cert`, `--tls-key`, `--tls-client-ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 /// `--max-buffer-memory`: a size, or derived from the machine at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BufferMemory {
@@ -205,7 +247,7 @@ pub enum UserTimeout {
 
 fn parse_listen_spec(s: &str) -> Result<ListenSpec, String> {
     let spec: ListenSpec = s.parse()?;
-    if spec.scheme != Scheme::Tcp {
+    if !spec.scheme.is_stream() {
         return Err(format!("the {}:// scheme is not supported yet", spec.scheme.as_str()));
     }
     Ok(spec)
@@ -261,7 +303,44 @@ impl Config {
         if !self.proxy_from.is_empty() && !self.listen.iter().any(|l| l.proxy.is_some()) {
             return fail("--proxy-from is given but no --listen has a proxy= option".into());
         }
+        let tls_listener = self.listen.iter().find(|l| l.scheme == Scheme::Tls);
+        match (tls_listener, &self.tls_cert, &self.tls_key) {
+            (Some(listener), None, _) | (Some(listener), _, None) => {
+                return fail(format!(
+                    "the listener {listener} needs a certificate and its key: give --tls-cert FILE and --tls-key FILE"
+                ))
+            }
+            (_, Some(cert), None) => {
+                return fail(format!("--tls-cert {} is given without --tls-key", cert.display()))
+            }
+            (_, None, Some(key)) => {
+                return fail(format!("--tls-key {} is given without --tls-cert", key.display()))
+            }
+            _ => {}
+        }
+        if tls_listener.is_none() {
+            let given = [
+                ("--tls-cert", &self.tls_cert),
+                ("--tls-key", &self.tls_key),
+                ("--tls-client-ca", &self.tls_client_ca),
+            ];
+            if let Some((flag, Some(path))) = given.into_iter().find(|(_, path)| path.is_some()) {
+                return fail(format!("{flag} {} is given but no --listen is tls://", path.display()));
+            }
+        }
         Ok(())
+    }
+
+    /// The TLS files, when a listener speaks TLS.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        if !self.listen.iter().any(|l| l.scheme == Scheme::Tls) {
+            return None;
+        }
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     /// A configuration for tests and embedders: one listener on an ephemeral loopback port,
@@ -331,6 +410,10 @@ mod tests {
         assert!(c.listen[1].addr.is_ipv6());
         assert_eq!(c.listen[1].proxy, Some(ProxyVersion::V2));
         assert!(error(&["--listen", "udp://127.0.0.1:7"]).contains("not supported yet"));
+        let c =
+            parse(&["--listen", "tls://127.0.0.1:0?proxy=v1", "--tls-cert", "c.pem", "--tls-key", "k.pem"]);
+        assert_eq!(c.listen[0].scheme, Scheme::Tls);
+        assert_eq!(c.listen[0].proxy, Some(ProxyVersion::V1));
     }
 
     #[test]
@@ -382,6 +465,35 @@ mod tests {
         assert_eq!(c.proxy_from.len(), 2);
         assert!(error(&["--listen", "127.0.0.1:0?proxy=v1", "--proxy-from", "10.0.0.0/40"])
             .contains("--proxy-from"));
+    }
+
+    #[test]
+    fn tls_listeners_need_a_certificate_and_key_and_tls_flags_a_tls_listener() {
+        let tls = ["--listen", "tls://127.0.0.1:0"];
+        let message = error(&tls);
+        assert!(message.contains("--tls-cert") && message.contains("tls://127.0.0.1:0"), "{message}");
+        assert!(error(&[&tls[..], &["--tls-cert", "c.pem"]].concat()).contains("without --tls-key"));
+        assert!(error(&[&tls[..], &["--tls-key", "k.pem"]].concat()).contains("without --tls-cert"));
+        for flag in ["--tls-cert", "--tls-key", "--tls-client-ca"] {
+            let message = error(&[flag, "x.pem"]);
+            assert!(message.contains(flag) && message.contains("x.pem"), "{message}");
+        }
+        let c = parse(
+            &[&tls[..], &["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]].concat(),
+        );
+        let files = c.tls_files().expect("a tls listener");
+        assert_eq!(files.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(c.tls_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.tls_reload_interval, OptionalDuration(Some(Duration::from_secs(10))));
+        assert!(parse(&[]).tls_files().is_none());
+        for (flag, value) in [
+            ("--tls-handshake-timeout", "0s"),
+            ("--tls-handshake-timeout", "-1s"),
+            ("--tls-reload-interval", "1ms"),
+        ] {
+            let message = error(&[flag, value]);
+            assert!(message.contains(flag), "{flag} {value}: {message}");
+        }
     }
 
     #[test]
