@@ -129,6 +129,10 @@ impl Drop for Account {
         let lifetime = self.started.elapsed();
         self.ctx.metrics.connection_closed(reason, lifetime);
         match self.extras.as_deref() {
+            Some(Extras { client, client_cert: Some(cert) }) => debug!(
+                peer = %self.peer, client = %client.unwrap_or(self.peer), client_cert = %cert, received, sent,
+                duration = ?lifetime, reason = reason.as_str(), "connection closed"
+            ),
             Some(Extras { client: Some(client), .. }) => debug!(
                 peer = %self.peer, %client, received, sent, duration = ?lifetime, reason = reason.as_str(),
                 "connection closed"
@@ -210,7 +214,7 @@ impl<S: EchoStream, P: Pace + 'static> Future for Connection<S, P> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         loop {
-            let outcome = match this.phase.as_mut().project() {
+            let mut outcome = match this.phase.as_mut().project() {
                 PhaseProj::Start { .. } => {
                     let PhaseTaken::Start { stream, pace } = this.phase.as_mut().project_replace(Phase::Done)
                     else {
@@ -285,7 +289,10 @@ impl<S: EchoStream, P: Pace + 'static> Future for Connection<S, P> {
                     let reason = outcome.pace.close_reason().unwrap_or(CloseReason::Eof);
                     return this.close(reason);
                 }
-                PhaseEnd::Closed(reason) => return this.close(reason),
+                PhaseEnd::Closed(reason) => {
+                    outcome.stream.end_session();
+                    return this.close(reason);
+                }
                 PhaseEnd::InjectedReset => return this.close(CloseReason::InjectedReset),
                 PhaseEnd::Failed(err) => return this.close(CloseReason::from_io_error(&err)),
             }
@@ -307,9 +314,14 @@ impl<S: EchoStream, P: Pace + 'static> ConnectionProj<'_, S, P> {
     }
 
     /// Ends the connection: drops the stream if the phase still holds it (a copy phase's outcome
-    /// has already been dropped by then) and notes why; the account records the close.
+    /// has already been dropped by then) and notes why; the account records the close. A waiting
+    /// connection that echod closes on its own (idle timeout, drain) ends its session first.
     fn close(&mut self, reason: CloseReason) -> Poll<()> {
-        self.phase.set(Phase::Done);
+        if let PhaseTaken::Waiting { mut stream, .. } = self.phase.as_mut().project_replace(Phase::Done) {
+            if matches!(reason, CloseReason::IdleTimeout | CloseReason::Shutdown) {
+                stream.end_session();
+            }
+        }
         self.account.end(reason);
         Poll::Ready(())
     }

@@ -50,6 +50,21 @@ pub enum Error {
     SocketActivation(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("TLS: {0}")]
+    Tls(stage::tls::LoadError),
+    #[error("the listener {0} needs a certificate and its key: give --tls-cert FILE and --tls-key FILE")]
+    TlsFlags(String),
+}
+
+impl Error {
+    /// The process's exit status for this error: 2 for what the flags name (a TLS file that
+    /// does not load), 1 for what the system refused.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Tls(_) | Error::TlsFlags(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Runs echod as the binary does: installs signal handlers, binds, serves until SIGINT/SIGTERM
@@ -57,7 +72,25 @@ pub enum Error {
 /// once with status 130 (SIGINT) or 143 (SIGTERM).
 pub async fn run(config: Config) -> Result<DrainReport, Error> {
     let mut signals = shutdown::Signals::install().map_err(Error::Signals)?;
+    // SIGHUP reloads the TLS files; without TLS it keeps its default action.
+    let reloads = match config.tls_files() {
+        Some(_) => Some(shutdown::ReloadRequests::install().map_err(Error::Signals)?),
+        None => None,
+    };
     let server = Server::bind(&config)?;
+    if let Some(mut reloads) = reloads {
+        let handle = server.handle();
+        tokio::spawn(async move {
+            while reloads.recv().await {
+                info!("reload requested: re-reading the TLS files");
+                // The outcome is logged and counted by the reload itself.
+                let _ = handle.reload_tls().await;
+            }
+        });
+    }
+    if let Some(tls) = server.handle().tls_certificate() {
+        info!(serial = %tls.serial, subject = %tls.subject, not_after = %tls.expires(), "TLS certificate loaded");
+    }
     for spec in server.listeners() {
         info!(address = %spec.addr, listener = %spec, "listening");
         if spec.proxy.is_some() && config.proxy_from.is_empty() {

@@ -34,6 +34,8 @@ pub const LISTENERS_ACCEPTING: &str = "echod_listeners_accepting";
 pub const CONNECTIONS_COPYING: &str = "echod_connections_copying";
 pub const BUFFER_MEMORY: &str = "echod_buffer_memory_bytes";
 pub const BUFFER_MEMORY_LIMIT: &str = "echod_buffer_memory_limit_bytes";
+pub const TLS_RELOADS: &str = "echod_tls_reloads_total";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "echod_tls_certificate_expiry_timestamp_seconds";
 pub const MAX_CONNECTIONS: &str = "echod_max_connections";
 pub const DRAINING: &str = "echod_draining";
 pub const BUILD_INFO: &str = "echod_build_info";
@@ -257,6 +259,16 @@ fn describe() {
         Unit::Count,
         "Most client connections served at once (--max-connections)."
     );
+    describe_counter!(
+        TLS_RELOADS,
+        Unit::Count,
+        "Reloads of the TLS certificate, key and client CA files (SIGHUP or a change on disk), by result."
+    );
+    describe_gauge!(
+        TLS_CERTIFICATE_EXPIRY,
+        Unit::Seconds,
+        "When the certificate new TLS handshakes present expires (its notAfter), in seconds since the Unix epoch."
+    );
     describe_gauge!(DRAINING, "1 while the server drains for shutdown, else 0.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which echod this is.");
     describe_gauge!(RUNTIME_WORKERS, Unit::Count, "Worker threads of the async runtime.");
@@ -429,6 +441,25 @@ impl ServerMetrics {
             Some(registry) => registry.with(f),
             None => f(),
         }
+    }
+}
+
+/// The TLS handles, registered only by a server with a `tls://` listener (a server without one
+/// exports no TLS series: an expiry of 0 would look like an expired certificate).
+pub struct TlsMetrics {
+    pub reloads_ok: Counter,
+    pub reloads_error: Counter,
+    pub expiry: Gauge,
+}
+
+impl ServerMetrics {
+    /// Registers the TLS metrics; every series exists from start (reload counters at 0).
+    pub fn tls(&self) -> TlsMetrics {
+        self.with(|| TlsMetrics {
+            reloads_ok: ::metrics::counter!(TLS_RELOADS, "result" => "ok"),
+            reloads_error: ::metrics::counter!(TLS_RELOADS, "result" => "error"),
+            expiry: ::metrics::gauge!(TLS_CERTIFICATE_EXPIRY),
+        })
     }
 }
 

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{BufferMemory, Config, ListenSpec};
+use crate::config::{BufferMemory, Config, ListenSpec, Scheme};
 use crate::context::{ConnContext, HttpContext, ServerState};
 use crate::echo::budget::{self, Budget, LimitSource};
 use crate::echo::INITIAL_BUFFER;
@@ -45,6 +45,7 @@ use crate::listener::{self, AcceptContext, StreamListener};
 use crate::metrics::{Registry, Sampled, ServerMetrics};
 use crate::net::{ClientOptions, Keepalive};
 use crate::stage::banner::{self, Banner};
+use crate::stage::tls::{CertificateInfo, Certificates, LoadError, TlsStage};
 use crate::stage::{ProxyStage, Stack};
 use crate::{http, net, rlimit, systemd, Error};
 
@@ -65,6 +66,8 @@ pub struct Server {
     budget_source: LimitSource,
     shutdown_timeout: Duration,
     shutdown_delay: Duration,
+    tls: Option<Arc<Certificates>>,
+    tls_reload_interval: Option<Duration>,
 }
 
 /// What the drain did.
@@ -82,6 +85,7 @@ pub struct ServerHandle {
     conn: Arc<ConnContext>,
     state: Arc<ServerState>,
     tracker: TaskTracker,
+    tls: Option<Arc<Certificates>>,
 }
 
 impl ServerHandle {
@@ -113,6 +117,29 @@ impl ServerHandle {
     /// Completes once the listeners are closed during shutdown.
     pub async fn listeners_closed(&self) {
         self.conn.listeners_closed.cancelled().await;
+    }
+
+    /// Whether the server has TLS material (a `tls://` listener).
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The certificate new TLS handshakes present (`None` without a `tls://` listener).
+    pub fn tls_certificate(&self) -> Option<CertificateInfo> {
+        self.tls.as_ref().map(|tls| tls.info())
+    }
+
+    /// Re-reads the TLS files now, as SIGHUP does: new handshakes use them if they load; if not,
+    /// the error (also logged and counted) and the old material stays. `None` without TLS.
+    pub async fn reload_tls(&self) -> Option<Result<CertificateInfo, LoadError>> {
+        let tls = self.tls.clone()?;
+        match tokio::task::spawn_blocking(move || tls.reload()).await {
+            Ok(result) => Some(result),
+            Err(err) => {
+                error!(error = %err, "the TLS reload failed");
+                None
+            }
+        }
     }
 
     /// The Prometheus text exposition, as `/metrics` serves it (`None` with metrics off).
@@ -158,9 +185,15 @@ impl Server {
             BufferMemory::Auto => budget::default_limit(),
         };
 
-        let http = config.metrics_listen.0.map(http::bind).transpose()?;
-        let registry = http.as_ref().map(|_| Registry::new());
+        let registry = config.metrics_listen.0.map(|_| Registry::new());
         let metrics = Arc::new(ServerMetrics::new(registry, max_connections));
+        // The TLS files first: a file that does not load is the operator's to fix (exit 2), and
+        // is reported before any socket is bound.
+        let tls = match config.tls_files() {
+            Some(files) => Some(Arc::new(Certificates::load(files, metrics.tls()).map_err(Error::Tls)?)),
+            None => None,
+        };
+        let http = config.metrics_listen.0.map(http::bind).transpose()?;
         let budget = Budget::new(usize::try_from(budget_limit).unwrap_or(usize::MAX), INITIAL_BUFFER);
         let conn = Arc::new(ConnContext::new(metrics, config.idle_timeout.0, budget));
         let keepalive = config.tcp_keepalive.0.map(|idle| Keepalive {
@@ -200,23 +233,28 @@ impl Server {
             }
         }
         let hostname = banner::hostname();
-        let listeners = sockets
-            .into_iter()
-            .map(|(spec, socket)| {
-                let stack = Stack {
-                    listener: spec.to_string(),
-                    proxy: spec
-                        .proxy
-                        .map(|version| ProxyStage { version, timeout: config.proxy_header_timeout }),
-                    banner: config.banner.as_ref().map(|t| Banner::compile(t, &hostname, &spec.to_string())),
-                    faults: spec.faults.shapes_echo().then_some(spec.faults),
-                    reset_probability: spec.faults.reset_probability.filter(|&p| p > 0.0),
-                };
-                let stack = (!stack.is_empty()).then(|| Arc::new(stack));
-                let proxy_from = if spec.proxy.is_some() { config.proxy_from.clone() } else { Vec::new() };
-                Arc::new(StreamListener::new(socket, spec, stack, proxy_from, &accept))
-            })
-            .collect();
+        let mut listeners = Vec::with_capacity(sockets.len());
+        for (spec, socket) in sockets {
+            let tls = match (spec.scheme, &tls) {
+                (Scheme::Tls, Some(certificates)) => Some(TlsStage {
+                    certificates: certificates.clone(),
+                    timeout: config.tls_handshake_timeout,
+                }),
+                (Scheme::Tls, None) => return Err(Error::TlsFlags(spec.to_string())),
+                _ => None,
+            };
+            let stack = Stack {
+                listener: spec.to_string(),
+                proxy: spec.proxy.map(|version| ProxyStage { version, timeout: config.proxy_header_timeout }),
+                tls,
+                banner: config.banner.as_ref().map(|t| Banner::compile(t, &hostname, &spec.to_string())),
+                faults: spec.faults.shapes_echo().then_some(spec.faults),
+                reset_probability: spec.faults.reset_probability.filter(|&p| p > 0.0),
+            };
+            let stack = (!stack.is_empty()).then(|| Arc::new(stack));
+            let proxy_from = if spec.proxy.is_some() { config.proxy_from.clone() } else { Vec::new() };
+            listeners.push(Arc::new(StreamListener::new(socket, spec, stack, proxy_from, &accept)));
+        }
 
         Ok(Server {
             listeners,
@@ -227,6 +265,8 @@ impl Server {
             budget_source,
             shutdown_timeout: config.shutdown_timeout,
             shutdown_delay: config.shutdown_delay,
+            tls,
+            tls_reload_interval: config.tls_reload_interval.0,
         })
     }
 
@@ -260,14 +300,30 @@ impl Server {
             conn: self.accept.conn.clone(),
             state: self.state.clone(),
             tracker: self.accept.tracker.clone(),
+            tls: self.tls.clone(),
         }
     }
 
     /// Serves until `shutdown` completes, then drains (see the module docs) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> DrainReport {
-        let Server { listeners, http, accept, state, shutdown_timeout, shutdown_delay, .. } = self;
+        let Server {
+            listeners,
+            http,
+            accept,
+            state,
+            shutdown_timeout,
+            shutdown_delay,
+            tls,
+            tls_reload_interval,
+            ..
+        } = self;
         let conn = accept.conn.clone();
         let tracker = accept.tracker.clone();
+
+        let tls_watch = CancellationToken::new();
+        if let (Some(certificates), Some(every)) = (tls, tls_reload_interval) {
+            tokio::spawn(certificates.watch(every, tls_watch.clone()));
+        }
 
         let http_stop = CancellationToken::new();
         if let Some((_, socket)) = http {
@@ -319,6 +375,7 @@ impl Server {
             }
         }
         http_stop.cancel();
+        tls_watch.cancel();
         info!(drained = draining.saturating_sub(closed_by_timeout), closed_by_timeout, "shutdown complete");
         DrainReport { draining, closed_by_timeout }
     }

@@ -12,6 +12,10 @@
 //!
 //! Handlers are installed by [`Signals::install`], before the listeners are bound, so a stop
 //! request that arrives during start-up is not lost to the default action.
+//!
+//! SIGHUP is no stop request: it asks for the TLS files to be read again ([`ReloadRequests`],
+//! installed only when echod serves TLS; Windows has no equivalent, and there the files are
+//! only checked for changes).
 
 use std::io;
 
@@ -107,6 +111,39 @@ impl Signals {
                 _ = self.ctrl_close.recv() => Signal::Close,
                 _ = self.ctrl_shutdown.recv() => Signal::Shutdown,
             }
+        }
+    }
+}
+
+/// Requests to reload the TLS files: SIGHUP on Unix; none on Windows.
+pub struct ReloadRequests {
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl ReloadRequests {
+    /// Installs the SIGHUP handler. Must be called within a tokio runtime.
+    pub fn install() -> io::Result<ReloadRequests> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(ReloadRequests { hangup: signal(SignalKind::hangup())? })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(ReloadRequests {})
+        }
+    }
+
+    /// Waits for the next request; `false` once no more can come.
+    pub async fn recv(&mut self) -> bool {
+        #[cfg(unix)]
+        {
+            self.hangup.recv().await.is_some()
+        }
+        #[cfg(not(unix))]
+        {
+            std::future::pending::<bool>().await
         }
     }
 }

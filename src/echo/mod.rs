@@ -53,6 +53,12 @@ pub(crate) trait EchoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn is_end_of_stream(_err: &io::Error) -> bool {
         false
     }
+
+    /// Ends the session without waiting, before echod closes the connection on its own (idle
+    /// timeout, drain): a TLS stream sends its close_notify as far as the socket takes it now, so
+    /// the client reads a clean end of the session rather than a truncated one. The FIN follows
+    /// when the stream is dropped.
+    fn end_session(&mut self) {}
 }
 
 impl EchoStream for TcpStream {
@@ -64,5 +70,61 @@ impl EchoStream for TcpStream {
 
     fn tcp(&self) -> &TcpStream {
         self
+    }
+}
+
+/// A TLS session on a TCP socket (the server side of a tls:// listener).
+///
+/// * Writes are buffered in TLS records until flushed (the copy flushes; the phase's
+///   `unflushed` flag keeps a phase from ending with plaintext still in rustls).
+/// * Readiness: rustls may already hold decrypted plaintext (records that arrived with the
+///   handshake's last flight, or with a read that filled the copy's buffer) or a close_notify
+///   the socket will never announce again; then a read makes progress without the socket
+///   becoming readable. `wants_read` is false exactly then (after the handshake).
+/// * A peer that closes TCP without a close_notify (rustls: `UnexpectedEof`) has finished
+///   sending, as with a FIN: everything pending is echoed, then echod's close_notify and FIN.
+impl EchoStream for tokio_rustls::server::TlsStream<TcpStream> {
+    const BUFFERED_WRITES: bool = true;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, session) = self.get_ref();
+        if !session.is_handshaking() && !session.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_read_ready(cx)
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+
+    fn is_end_of_stream(err: &io::Error) -> bool {
+        err.kind() == io::ErrorKind::UnexpectedEof
+    }
+
+    fn end_session(&mut self) {
+        /// Writes to the socket only what it takes now.
+        struct NonBlocking<'a>(&'a TcpStream);
+        impl io::Write for NonBlocking<'_> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.try_write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        // Pending records (at most rustls' 64 KiB buffer) go first; a few writes at most.
+        const MOST_WRITES: usize = 8;
+        let (tcp, session) = self.get_mut();
+        session.send_close_notify();
+        for _ in 0..MOST_WRITES {
+            if !session.wants_write() {
+                break;
+            }
+            match session.write_tls(&mut NonBlocking(tcp)) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     }
 }

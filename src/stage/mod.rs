@@ -1,13 +1,15 @@
 //! The stages a listener may put in front of the echo, and the task that runs them.
 //!
-//! A stream listener is a stack: PROXY header ([`proxy`]), then the banner ([`banner`]), then
-//! the echo (with the listener's faults, if any). Each stage is a module of its own that turns
-//! a stream, plus what it learned (the client's address), into the next step. A plain TCP
-//! listener has no stack at all: its connections go straight to the echo and pay nothing for
-//! stages they do not use.
+//! A stream listener is a stack: PROXY header ([`proxy`]), then the TLS handshake ([`tls`]),
+//! then the banner ([`banner`], over TLS on a tls listener), then the echo (with the listener's
+//! faults, if any). Each stage is a module of its own that turns a stream, plus what it learned
+//! (the client's address, its certificate), into the next step. A plain TCP listener has no stack
+//! at all: its connections go straight to the echo and pay nothing for stages they do not use;
+//! every tls listener has one.
 
 pub mod banner;
 pub mod proxy;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ pub(crate) struct Stack {
     /// The listener, as `--listen` spells it (for logs).
     pub listener: String,
     pub proxy: Option<ProxyStage>,
+    pub tls: Option<tls::TlsStage>,
     pub banner: Option<Banner>,
     /// Faults acting on the echo itself (delay, rate, points); `None` for a clean echo.
     pub faults: Option<FaultSpec>,
@@ -50,6 +53,7 @@ impl Stack {
     /// Whether a listener with these stages needs the staged path at all.
     pub fn is_empty(&self) -> bool {
         self.proxy.is_none()
+            && self.tls.is_none()
             && self.banner.is_none()
             && self.faults.is_none()
             && self.reset_probability.is_none()
@@ -91,6 +95,29 @@ pub(crate) async fn serve(
             account.extras().client = Some(client);
         }
     }
+    let Some(tls) = &stack.tls else {
+        return banner_then_echo(&stack, account, permit, stream).await;
+    };
+    let stream = match tls::handshake(tls, stream).await {
+        Ok(stream) => stream,
+        Err(why) => return handshake_failed(&mut account, &stack, Stage::Tls, &why),
+    };
+    let client_cert = tls::client_subject(&stream);
+    debug!(peer = %account.peer(), listener = %stack.listener, tls = %tls::negotiated(&stream),
+        client_cert = client_cert.as_deref().unwrap_or(""), "TLS handshake complete");
+    if client_cert.is_some() {
+        account.extras().client_cert = client_cert;
+    }
+    banner_then_echo(&stack, account, permit, stream).await
+}
+
+/// The last stages, on whichever stream the earlier ones left: the banner, then the echo.
+async fn banner_then_echo<S: EchoStream>(
+    stack: &Stack,
+    mut account: Account,
+    permit: OwnedSemaphorePermit,
+    mut stream: S,
+) {
     if let Some(banner) = &stack.banner {
         if let Err(reason) = send_banner(&mut stream, banner, &account).await {
             account.end(reason);
