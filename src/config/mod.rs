@@ -16,6 +16,8 @@
 pub mod banner;
 pub mod cidr;
 pub mod listen_spec;
+#[cfg(test)]
+mod proptests;
 pub mod values;
 
 use std::num::NonZeroUsize;
