@@ -59,6 +59,8 @@ pub(crate) struct Extras {
     pub client: Option<SocketAddr>,
     /// The subject of the client's TLS certificate.
     pub client_cert: Option<String>,
+    /// The connection's place in its source's count (per-source limits on).
+    pub source: Option<crate::access::SourceSlot>,
 }
 
 /// One connection's entry in the server's books, from accept to close.

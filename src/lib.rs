@@ -7,7 +7,7 @@
 //! * [`server`]: binds, composes the shared [`context`]s, supervises accept loops, drains;
 //! * [`net`]: socket binding and options, and what to do when accept fails;
 //! * [`listener`]: the stream accept loop;
-//! * [`stage`]: what runs before the echo (PROXY header, banner);
+//! * [`stage`]: what runs before the echo (PROXY header, banner); [`access`]: who may connect;
 //! * [`connection`]: one client's echo and its accounting;
 //! * [`echo`]: the copy phases, the loop between the copies, faults, the buffer budget;
 //! * [`shutdown`]: the platform's stop requests; [`systemd`]: socket activation and notify;
@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 
 use tracing::{error, info, warn};
 
+pub mod access;
 pub mod config;
 pub mod connection;
 pub mod context;
@@ -66,6 +67,20 @@ pub async fn run(config: Config) -> Result<DrainReport, Error> {
                 "PROXY headers are trusted from any peer: anyone who reaches this port can claim any client address (restrict with --proxy-from)"
             );
         }
+    }
+    if !config.allow.is_empty() || !config.deny.is_empty() {
+        let list = |c: &[config::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+        info!(allow = %list(&config.allow), deny = %list(&config.deny), "access rules");
+        if access::Rules::new(&config.allow, &config.deny).unreachable() {
+            warn!("--allow and --deny leave no client address that may be served");
+        }
+    }
+    if config.max_connections_per_source.is_some() || config.connect_rate_per_source.is_some() {
+        info!(
+            max_connections_per_source = ?config.max_connections_per_source,
+            connect_rate_per_source = ?config.connect_rate_per_source,
+            "per-source limits"
+        );
     }
     if let Some(addr) = server.metrics_addr() {
         info!(address = %addr, "serving /metrics, /healthz, /readyz");

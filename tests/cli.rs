@@ -15,8 +15,12 @@ use std::time::{Duration, Instant};
 use common::{run_to_exit, TIMEOUT};
 
 /// Every flag `--help` must document.
-const FLAGS: [&str; 17] = [
+const FLAGS: [&str; 21] = [
     "--listen",
+    "--allow",
+    "--deny",
+    "--max-connections-per-source",
+    "--connect-rate-per-source",
     "--max-buffer-memory",
     "--tcp-keepalive-interval",
     "--tcp-keepalive-count",
@@ -36,8 +40,12 @@ const FLAGS: [&str; 17] = [
 ];
 
 /// Every environment variable `--help` must document.
-const ENV_VARS: [&str; 17] = [
+const ENV_VARS: [&str; 21] = [
     "ECHOD_LISTEN",
+    "ECHOD_ALLOW",
+    "ECHOD_DENY",
+    "ECHOD_MAX_CONNECTIONS_PER_SOURCE",
+    "ECHOD_CONNECT_RATE_PER_SOURCE",
     "ECHOD_MAX_BUFFER_MEMORY",
     "ECHOD_TCP_KEEPALIVE_INTERVAL",
     "ECHOD_TCP_KEEPALIVE_COUNT",
@@ -131,6 +139,11 @@ fn bad_banners_proxy_sources_and_ranges_name_the_flag() {
         &["--proxy-from"],
     );
     expect_usage_error(&["--proxy-from", "10.0.0.0/8"], &[], &["--proxy-from", "proxy="]);
+    expect_usage_error(&["--allow", "10.0.0.0/33"], &[], &["--allow", "10.0.0.0/33"]);
+    expect_usage_error(&["--deny", "somewhere"], &[], &["--deny", "somewhere"]);
+    expect_usage_error(&[], &[("ECHOD_DENY", "10.0.0.0/8,bogus")], &["--deny", "bogus"]);
+    expect_usage_error(&["--max-connections-per-source", "0"], &[], &["--max-connections-per-source"]);
+    expect_usage_error(&["--connect-rate-per-source", "-3"], &[], &["--connect-rate-per-source", "-3"]);
     for (flag, value) in [
         ("--shutdown-timeout", "-5s"),
         ("--shutdown-delay", "-1s"),

@@ -163,6 +163,28 @@ pub struct Config {
     #[arg(long, value_name = "CIDR", env = "ECHOD_PROXY_FROM", value_delimiter = ',')]
     pub proxy_from: Vec<Cidr>,
 
+    /// Serve only clients inside these prefixes (`10.0.0.0/8`, `2001:db8::/32`, a bare address
+    /// for one host); repeatable, comma-separated in the environment. The client is the PROXY
+    /// header's on PROXY listeners, else the socket's peer; UDP datagrams by their source.
+    #[arg(long, value_name = "CIDR", env = "ECHOD_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<Cidr>,
+
+    /// Refuse clients inside these prefixes, whatever `--allow` says; repeatable.
+    #[arg(long, value_name = "CIDR", env = "ECHOD_DENY", value_delimiter = ',')]
+    pub deny: Vec<Cidr>,
+
+    /// Most connections open at once from one client address (IPv6: one /64); more are
+    /// refused with a reset [default: no limit].
+    #[arg(long, value_name = "N", env = "ECHOD_MAX_CONNECTIONS_PER_SOURCE", allow_hyphen_values = true,
+          value_parser = |s: &str| values::count_in(s, 1, u64::from(u32::MAX)).map(|n| n as u32))]
+    pub max_connections_per_source: Option<u32>,
+
+    /// Most new connections per second from one client address (IPv6: one /64; a token bucket
+    /// with a burst of as many); more are refused with a reset [default: no limit].
+    #[arg(long, value_name = "PER_SECOND", env = "ECHOD_CONNECT_RATE_PER_SOURCE", allow_hyphen_values = true,
+          value_parser = parse_rate)]
+    pub connect_rate_per_source: Option<f64>,
+
     /// A line sent to every stream client before the echo (after any PROXY header):
     /// placeholders `{hostname}`, `{client}`, `{peer}`, `{server}`, `{listener}`, `{version}`,
     /// `{client_cert}`; `{{` and `}}` for braces. Tells a tester which backend answered and
@@ -211,6 +233,14 @@ fn parse_listen_spec(s: &str) -> Result<ListenSpec, String> {
         return Err(format!("the {}:// scheme is not supported yet", spec.scheme.as_str()));
     }
     Ok(spec)
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(r.is_finite() && (0.001..=1e9).contains(&r)) {
+        return Err(format!("`{s}` must be between 0.001 and 1000000000"));
+    }
+    Ok(r)
 }
 
 fn parse_keepalive(s: &str) -> Result<OptionalDuration, String> {
@@ -384,6 +414,24 @@ mod tests {
         assert_eq!(c.proxy_from.len(), 2);
         assert!(error(&["--listen", "127.0.0.1:0?proxy=v1", "--proxy-from", "10.0.0.0/40"])
             .contains("--proxy-from"));
+    }
+
+    #[test]
+    fn access_flags() {
+        let c = parse(&[
+            "--allow",
+            "10.0.0.0/8,127.0.0.1",
+            "--deny",
+            "10.9.0.0/16",
+            "--max-connections-per-source",
+            "4",
+        ]);
+        assert_eq!((c.allow.len(), c.deny.len(), c.max_connections_per_source), (2, 1, Some(4)));
+        assert!(error(&["--allow", "10.0.0.0/40"]).contains("--allow"));
+        assert!(error(&["--deny", "nope"]).contains("--deny"));
+        assert!(error(&["--max-connections-per-source", "0"]).contains("--max-connections-per-source"));
+        assert!(error(&["--connect-rate-per-source", "-1"]).contains("--connect-rate-per-source"));
+        assert_eq!(parse(&["--connect-rate-per-source", "2.5"]).connect_rate_per_source, Some(2.5));
     }
 
     #[test]
