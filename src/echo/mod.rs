@@ -30,8 +30,10 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-/// Buffer size a connection starts with: one page, enough for typical request/response sizes.
-pub const INITIAL_BUFFER: usize = 4 * 1024;
+/// Buffer size a connection starts with (and returns to when it goes quiet): enough for typical
+/// request/response sizes, and small, because every copying connection may always hold three of
+/// them whatever the buffer budget (see [`budget`]). Bulk traffic grows it (×4 per full read).
+pub const INITIAL_BUFFER: usize = 1024;
 
 /// Largest buffer a connection grows to. Large reads and writes cut syscalls per MiB for bulk
 /// streams; the loop and two copy buffers bound a connection's echo memory at three times this.
