@@ -219,8 +219,10 @@ drain() {
     awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "  drain: SIGTERM -> exit 0 in %.2f s\n", b - a }'
 }
 
+# The case's client; its own deadlines bound it, and a watchdog ends it should they not.
 client() {
-    inns python3 "$CLIENT" --addr "$ECHO_ADDR" --metrics "$METRICS_ADDR" --pid "$ECHOD_PID" "$@"
+    inns timeout -k 5 180 python3 "$CLIENT" --addr "$ECHO_ADDR" --metrics "$METRICS_ADDR" \
+        --pid "$ECHOD_PID" "$@"
 }
 
 # Packets dropped or duplicated by the rule whose comment is $1, and TCP packets seen in all.

@@ -183,7 +183,7 @@ def commands(body):
         if first is None:
             first = number
         if text.rstrip().endswith("\\"):
-            current.append(text.rstrip()[:-1])
+            current.append(text.rstrip())  # bash joins the lines itself
             continue
         current.append(text)
         out.append(Command(first, "\n".join(current)))
@@ -418,7 +418,8 @@ def main():
         except Failure as err:
             failed += 1
             print(f"FAILED {err}")
-    print(f"readme examples: {passed} blocks ({commands_run} commands) passed, {failed} failed, {skipped} skipped")
+    print(f"readme examples: {commands_run} commands in {passed} of {passed + failed} blocks passed; "
+          f"{failed} blocks failed, {skipped} skipped")
     return 1 if failed else 0
 
 
