@@ -173,6 +173,7 @@ class Stream:
         self.addr, self.data, self.timeout, self.name = addr, data, timeout, name
         self.sock = sock
         self.received = 0
+        self.longest_wait = 0.0
         self.error = None
         self.exception = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -212,8 +213,12 @@ class Stream:
         w = threading.Thread(target=writer, daemon=True)
         w.start()
         with sock:
+            last = time.monotonic()
             while True:
                 chunk = sock.recv(256 * 1024)
+                now = time.monotonic()
+                self.longest_wait = max(self.longest_wait, now - last)
+                last = now
                 if not chunk:
                     break
                 end = self.received + len(chunk)
@@ -256,7 +261,8 @@ def cmd_stream(args):
     took = time.monotonic() - start
     total = sum(s.received for s in streams)
     figure("bytes verified", f"{total} ({args.conns} x {mib(args.bytes)}), each ended by a clean EOF")
-    figure("time", f"{took:.2f} s ({total / took / (1 << 20):.2f} MiB/s echoed)")
+    figure("time", f"{took:.2f} s ({total / took / (1 << 20):.2f} MiB/s echoed); longest wait for "
+           f"echoed bytes {max(s.longest_wait for s in streams):.2f} s")
 
 
 def cmd_sizes(args):
