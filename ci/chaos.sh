@@ -174,8 +174,8 @@ start_echod() {
     while IFS= read -r -t 10 -u "$fd" line; do
         printf '%s\n' "$line" >>"$log"
         case $line in
-            *"listening address="*) ECHO_ADDR=${line##*address=} ;;
-            *"serving /metrics"*"address="*) METRICS_ADDR=${line##*address=} ;;
+            *"listening address="*) ECHO_ADDR=${line##*address=} ECHO_ADDR=${ECHO_ADDR%% *} ;;
+            *"serving /metrics"*"address="*) METRICS_ADDR=${line##*address=} METRICS_ADDR=${METRICS_ADDR%% *} ;;
             *"echod started"*) break ;;
         esac
     done
