@@ -20,6 +20,7 @@ use tracing::{error, info};
 pub mod accept_policy;
 pub mod config;
 pub mod connection;
+pub mod generate;
 mod http;
 pub mod listener;
 pub mod memory;

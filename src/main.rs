@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use echod::{telemetry, Config};
 
 /// jemalloc on Linux: idle connections then cost under 1 KiB of RSS each (see `echod::memory`).
@@ -19,6 +19,9 @@ static JEMALLOC_OPTIONS: &[u8; echod::memory::JEMALLOC_OPTIONS.len()] = echod::m
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(kind) = config.generate {
+        return echod::generate::print(kind, Config::command());
+    }
     telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads())

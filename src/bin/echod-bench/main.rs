@@ -82,6 +82,12 @@ struct Cli {
 
     #[command(subcommand)]
     mode: Mode,
+
+    /// Write the man page (`man`) or a shell completion script (`complete-bash`, `complete-zsh`,
+    /// `complete-fish`, `complete-powershell`) to stdout and exit; needs no mode.
+    #[arg(long, value_name = "KIND", value_enum)]
+    #[allow(dead_code)] // read by echod::generate::requested, before a mode is required
+    generate: Option<echod::generate::Generate>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -176,6 +182,9 @@ fn usage_error(kind: clap::error::ErrorKind, message: impl std::fmt::Display) ->
 }
 
 fn main() -> ExitCode {
+    if let Some(kind) = echod::generate::requested(Cli::command()) {
+        return echod::generate::print(kind, Cli::command());
+    }
     let cli = Cli::parse();
     let target = match cli.target.to_socket_addrs().map(|mut a| a.next()) {
         Ok(Some(addr)) => addr,
