@@ -12,6 +12,7 @@
 
 use std::io::{self, Write};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Arg, Command, ValueEnum};
 use clap_complete::{Generator, Shell};
@@ -36,7 +37,7 @@ pub enum Generate {
 /// Writes `kind` for `cmd` (the binary's whole clap definition) to `out`.
 pub fn generate(kind: Generate, cmd: Command, out: &mut dyn Write) -> io::Result<()> {
     let shell = match kind {
-        Generate::Man => return man_page(cmd, out),
+        Generate::Man => return man_page(cmd, &page_date(), out),
         Generate::CompleteBash => Shell::Bash,
         Generate::CompleteZsh => Shell::Zsh,
         Generate::CompleteFish => Shell::Fish,
@@ -88,10 +89,26 @@ where
     matches.try_get_one::<Generate>("generate").ok().flatten().copied()
 }
 
-fn man_page(cmd: Command, out: &mut dyn Write) -> io::Result<()> {
+/// The page's date, YYYY-MM-DD: that of `SOURCE_DATE_EPOCH` when it is set (the
+/// reproducible-builds convention, which `ci/package.sh` follows), else today's, in UTC.
+fn page_date() -> String {
+    date_of(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())
+}
+
+fn date_of(source_date_epoch: Option<&str>) -> String {
+    let when = source_date_epoch
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap_or_else(SystemTime::now);
+    let stamp = humantime::format_rfc3339_seconds(when).to_string();
+    stamp.split('T').next().unwrap_or_default().to_owned()
+}
+
+fn man_page(cmd: Command, date: &str, out: &mut dyn Write) -> io::Result<()> {
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
-    let page = Man::new(cmd.clone()).manual("User Commands");
+    // Every field of .TH is set: roff writes an empty one as nothing, which shifts the rest.
+    let page = Man::new(cmd.clone()).date(date).manual("User Commands");
     let modes: Vec<&Command> = cmd.get_subcommands().filter(|s| !s.is_hide_set()).collect();
     if modes.is_empty() {
         return page.render(out);
@@ -180,7 +197,11 @@ mod tests {
 
     fn text(kind: Generate, cmd: Command) -> String {
         let mut out = Vec::new();
-        generate(kind, cmd, &mut out).expect("generate into memory");
+        match kind {
+            Generate::Man => man_page(cmd, "2001-02-03", &mut out),
+            _ => generate(kind, cmd, &mut out),
+        }
+        .expect("generate into memory");
         String::from_utf8(out).expect("utf-8")
     }
 
@@ -188,6 +209,7 @@ mod tests {
     fn one_page_lists_every_mode_and_its_own_options() {
         let page = text(Generate::Man, with_modes());
         assert_eq!(page.matches(".TH ").count(), 1, "{page}");
+        assert!(page.contains(".TH tool 1 2001-02-03 \"tool 1.2.3\" \"User Commands\"\n"), "{page}");
         assert!(page.contains(".SH MODES"), "{page}");
         assert!(page.contains("tool ping") && page.contains("tool hold"), "{page}");
         assert!(page.contains("PING OPTIONS"), "{page}");
@@ -203,7 +225,11 @@ mod tests {
     fn a_command_without_modes_is_clap_mangens_page() {
         let cmd = Command::new("plain").version("1").arg(Arg::new("x").long("x"));
         let mut expected = Vec::new();
-        Man::new(cmd.clone()).manual("User Commands").render(&mut expected).expect("render");
+        Man::new(cmd.clone())
+            .date("2001-02-03")
+            .manual("User Commands")
+            .render(&mut expected)
+            .expect("render");
         assert_eq!(text(Generate::Man, cmd).into_bytes(), expected);
     }
 
@@ -236,6 +262,14 @@ mod tests {
         );
         assert_eq!(requested_in(cmd(), ["tool", "ping", "--size", "3"]), None);
         assert_eq!(requested_in(cmd(), ["tool", "--generate", "nonsense"]), None);
+    }
+
+    #[test]
+    fn the_date_is_source_date_epochs_or_today() {
+        assert_eq!(date_of(Some("981158400")), "2001-02-03");
+        let today = date_of(None);
+        assert_eq!(today.len(), 10, "{today}");
+        assert_eq!(date_of(Some("soon")).len(), 10, "an unreadable value is ignored");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use echod::rlimit::raise_open_files_limit;
 /// Exit status: 0 when every byte came back as sent, 1 on any mismatch, early EOF or error,
 /// 2 on a usage error.
 #[derive(Debug, Parser)]
-#[command(name = "echod-bench", version, about, long_about = None, max_term_width = 100)]
+#[command(name = "echod-bench", version, long_about = None, max_term_width = 100)]
 struct Cli {
     /// Server address (host:port).
     #[arg(long, global = true, value_name = "ADDR", default_value = "127.0.0.1:8080")]
