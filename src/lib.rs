@@ -27,6 +27,7 @@ pub mod memory;
 pub mod metrics;
 pub mod rlimit;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;

@@ -18,6 +18,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static JEMALLOC_OPTIONS: &[u8; echod::memory::JEMALLOC_OPTIONS.len()] = echod::memory::JEMALLOC_OPTIONS;
 
 fn main() -> ExitCode {
+    // A process the Windows service manager starts: it runs the service (src/service.rs).
+    #[cfg(windows)]
+    if let Some(args) = echod::service::requested(std::env::args_os()) {
+        return echod::service::run(args);
+    }
     let config = Config::parse();
     if let Some(kind) = config.generate {
         return echod::generate::print(kind, Config::command());
