@@ -25,6 +25,7 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod echo;
+pub mod generate;
 mod http;
 pub mod listener;
 pub mod memory;
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod net;
 pub mod rlimit;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod stage;
 pub mod systemd;
@@ -59,6 +61,24 @@ pub enum Error {
 pub async fn run(config: Config) -> Result<DrainReport, Error> {
     let mut signals = shutdown::Signals::install().map_err(Error::Signals)?;
     let server = Server::bind(&config)?;
+    log_start(&config, &server);
+    let report = server
+        .run(async move {
+            let signal = signals.recv().await;
+            info!(signal = signal.name(), "stop requested; send it again to exit at once");
+            tokio::spawn(async move {
+                let signal = signals.recv().await;
+                error!(signal = signal.name(), "second stop request: exiting now");
+                std::process::exit(signal.forced_exit_code());
+            });
+        })
+        .await;
+    Ok(report)
+}
+
+/// The start-up log lines: each listener in `--listen` syntax with its bound address, warnings
+/// about what the flags leave open, and one summary line.
+pub fn log_start(config: &Config, server: &Server) {
     for spec in server.listeners() {
         info!(address = %spec.addr, listener = %spec, "listening");
         if spec.proxy.is_some() && config.proxy_from.is_empty() {
@@ -69,7 +89,7 @@ pub async fn run(config: Config) -> Result<DrainReport, Error> {
         }
     }
     if !config.allow.is_empty() || !config.deny.is_empty() {
-        let list = |c: &[config::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+        let list = |c: &[crate::config::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
         info!(allow = %list(&config.allow), deny = %list(&config.deny), "access rules");
         if access::Rules::new(&config.allow, &config.deny).unreachable() {
             warn!("--allow and --deny leave no client address that may be served");
@@ -91,7 +111,7 @@ pub async fn run(config: Config) -> Result<DrainReport, Error> {
         workers = config.worker_threads(),
         listeners = ?server.local_addrs(),
         max_connections = server.max_connections(),
-        max_buffer_memory = %config::values::format_size(budget as u64),
+        max_buffer_memory = %crate::config::values::format_size(budget as u64),
         max_buffer_memory_from = ?source,
         idle_timeout = ?config.idle_timeout.0,
         tcp_keepalive = ?config.tcp_keepalive.0,
@@ -100,16 +120,4 @@ pub async fn run(config: Config) -> Result<DrainReport, Error> {
         metrics = ?server.metrics_addr(),
         "echod started"
     );
-    let report = server
-        .run(async move {
-            let signal = signals.recv().await;
-            info!(signal = signal.name(), "stop requested; send it again to exit at once");
-            tokio::spawn(async move {
-                let signal = signals.recv().await;
-                error!(signal = signal.name(), "second stop request: exiting now");
-                std::process::exit(signal.forced_exit_code());
-            });
-        })
-        .await;
-    Ok(report)
 }

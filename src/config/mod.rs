@@ -201,6 +201,11 @@ pub struct Config {
     #[arg(long, value_name = "FORMAT", env = "ECHOD_LOG_FORMAT", value_enum,
           default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Write the man page (`man`) or a shell completion script (`complete-bash`, `complete-zsh`,
+    /// `complete-fish`, `complete-powershell`) to stdout and exit, without serving.
+    #[arg(long, value_name = "KIND", value_enum)]
+    pub generate: Option<crate::generate::Generate>,
 }
 
 /// How log lines are written.
