@@ -83,6 +83,8 @@ fn modes_in_help(help: &str) -> Vec<String> {
         .skip_while(|l| !l.starts_with("Commands:"))
         .skip(1)
         .take_while(|l| !l.trim().is_empty())
+        // A command's line starts two columns in; deeper lines continue its description.
+        .filter(|l| !l.starts_with("   "))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|m| *m != "help")
         .map(str::to_owned)
