@@ -365,7 +365,7 @@ fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
     // one, the same load held 1.1 GiB of buffers when measured). How many stay stuck inside
     // echod, rather than in the kernel's socket buffers, varies from run to run.
     assert!(
-        copying > 0 && held >= BUDGET / 2,
+        copying > 0 && held >= BUDGET / 4,
         "{copying} clients held only {held} B: the test proves nothing"
     );
     // The budget, plus each client's task, socket registration and copy state (~2 KiB), plus
