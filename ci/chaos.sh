@@ -312,7 +312,8 @@ case_reset() {
 
 # A blackholed peer (every packet to and from its port dropped), idle and with data in flight:
 # freed within the bound, the slot serves the next client, echod_connections_active back to 0.
-# Keepalive 2 s, then 3 probes 1 s apart: both bounds are 2 + 3 x 1 = 5 s.
+# Keepalive 2 s (spread by up to one interval), then 3 probes 1 s apart: both bounds are
+# 2 + (3 + 1) x 1 = 6 s.
 case_blackhole() {
     if [[ $user_timeout_flags == 0 ]]; then
         echo "  this echod has no --tcp-user-timeout: without it a peer that vanishes with data in"
@@ -322,7 +323,7 @@ case_blackhole() {
     ns_up 1500
     start_echod --max-connections 1 --tcp-keepalive 2s --tcp-keepalive-interval 1s \
         --tcp-keepalive-count 3 --tcp-user-timeout auto
-    client blackhole --idle-bound 5 --flight-bound 5
+    client blackhole --idle-bound 6 --flight-bound 6
     drain
 }
 

@@ -23,7 +23,7 @@ use crate::context::ConnContext;
 use crate::echo::ring::Plain;
 use crate::metrics::Rejection;
 use crate::net::accept_policy::{self, AcceptPolicy};
-use crate::net::{self, ClientOptions, ACCEPTED_SOCKETS_INHERIT_OPTIONS};
+use crate::net::{self, ClientOptions, Keepalive, ACCEPTED_SOCKETS_INHERIT_OPTIONS};
 use crate::stage::{self, Stack};
 
 /// One bound stream listener and what its connections get.
@@ -143,10 +143,23 @@ pub(crate) async fn accept_loop(
             },
         };
         listener.accepted.increment(1);
-        if !listener.inherited {
-            if let Err(err) = accept.options.apply(SockRef::from(&stream)) {
-                warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");
-            }
+        let set = if listener.inherited {
+            accept
+                .options
+                .spread_idle()
+                .map_or(Ok(()), |idle| ClientOptions::set_idle(SockRef::from(&stream), idle))
+        } else {
+            let options = ClientOptions {
+                keepalive: accept
+                    .options
+                    .keepalive
+                    .map(|k| Keepalive { idle: accept.options.spread_idle().unwrap_or(k.idle), ..k }),
+                ..accept.options
+            };
+            options.apply(SockRef::from(&stream))
+        };
+        if let Err(err) = set {
+            warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");
         }
         debug!(%peer, listener = %listener.spec, "connection accepted");
         let mut account = Account::open(accept.conn.clone(), peer);
