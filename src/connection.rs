@@ -323,7 +323,7 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
-    use crate::echo::budget::Budget;
+    use crate::budget::Budget;
     use crate::echo::ring::Plain;
     use crate::metrics::{Registry, Sampled, ServerMetrics};
 

@@ -9,7 +9,8 @@
 //! * [`listener`]: the stream accept loop;
 //! * [`stage`]: what runs before the echo (PROXY header, banner); [`access`]: who may connect;
 //! * [`connection`]: one client's echo and its accounting;
-//! * [`echo`]: the copy phases, the loop between the copies, faults, the buffer budget;
+//! * [`echo`]: the copy phases, the loop between the copies, faults; [`budget`]: the limit on
+//!   all echo buffers together;
 //! * [`shutdown`]: the platform's stop requests; [`systemd`]: socket activation and notify;
 //! * [`metrics`]: names, recorder, handles; `http`: the /metrics, /healthz, /readyz endpoint;
 //! * [`telemetry`]: logs; [`rlimit`]: the open-files limit; [`memory`]: the binary's allocator,
@@ -21,6 +22,7 @@ use std::net::SocketAddr;
 use tracing::{error, info, warn};
 
 pub mod access;
+pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod context;
@@ -31,6 +33,7 @@ pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod net;
+pub mod random;
 pub mod rlimit;
 pub mod server;
 pub mod service;

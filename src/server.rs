@@ -38,12 +38,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::access::{Access, Rules, SourceLimitSpec};
+use crate::budget::{self, Budget, LimitSource};
 use crate::config::{BufferMemory, Config, ListenSpec};
 use crate::context::{ConnContext, HttpContext, ServerState};
-use crate::echo::budget::{self, Budget, LimitSource};
 use crate::echo::INITIAL_BUFFER;
 use crate::listener::{self, AcceptContext, StreamListener};
-use crate::metrics::{Registry, Sampled, ServerMetrics};
+use crate::metrics::{Registry, ServerMetrics};
 use crate::net::{ClientOptions, Keepalive};
 use crate::stage::banner::{self, Banner};
 use crate::stage::{ProxyStage, Stack};
@@ -118,19 +118,8 @@ impl ServerHandle {
 
     /// The Prometheus text exposition, as `/metrics` serves it (`None` with metrics off).
     pub fn render_metrics(&self) -> Option<String> {
-        render(&self.conn, &self.state)
+        crate::context::render(&self.conn, &self.state)
     }
-}
-
-/// `/metrics`: the recorder's metrics and the figures sampled now.
-pub(crate) fn render(conn: &ConnContext, state: &ServerState) -> Option<String> {
-    let sampled = Sampled {
-        buffer_memory: conn.budget.used(),
-        buffer_memory_limit: conn.budget.limit(),
-        copying: conn.budget.copying(),
-        listeners_accepting: state.accepting.load(Ordering::Relaxed),
-    };
-    conn.metrics.registry().map(|r| r.render(&sampled))
 }
 
 impl Server {

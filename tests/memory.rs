@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 
 use common::{pattern, Binary, TIMEOUT};
 
+/// The tests here measure one echod's memory and load the machine: one at a time, so one's load
+/// does not blur another's figures.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 const MIB: usize = 1024 * 1024;
 const KIB: usize = 1024;
 
@@ -56,6 +64,7 @@ impl Cyclic {
 
 #[test]
 fn a_client_that_never_reads_is_held_back_not_buffered() {
+    let _serial = one_at_a_time();
     const MAX_ATTEMPT: u64 = 400 * MIB as u64;
     const MAX_TIME: Duration = Duration::from_secs(20);
     const STALL: Duration = Duration::from_secs(1);
@@ -194,6 +203,7 @@ fn settled_cost(pid: u32, baseline: usize, count: usize, limit: usize) -> (usize
 /// connection.
 #[test]
 fn idle_connections_cost_little_memory() {
+    let _serial = one_at_a_time();
     const BATCH: usize = 1000;
     /// Marginal cost of an idle connection.
     const PER_CONNECTION_LIMIT: usize = KIB;
@@ -259,6 +269,7 @@ fn idle_connections_cost_little_memory() {
 /// (and its gauge says so), while a ping-pong client is served as usual.
 #[test]
 fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
+    let _serial = one_at_a_time();
     const CLIENTS: usize = 2000;
     const BUDGET: usize = 32 * MIB;
     const PER_CLIENT: usize = 1024 * KIB;

@@ -12,10 +12,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::budget::Budget;
 use super::ring::{Loop, Pace};
 use super::traffic::Traffic;
 use super::{EchoStream, MAX_BUFFER};
+use crate::budget::Budget;
 use crate::context::ConnContext;
 use crate::metrics::{CloseReason, Published};
 

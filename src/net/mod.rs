@@ -63,7 +63,7 @@ impl ClientOptions {
     pub fn spread_idle(&self) -> Option<Duration> {
         self.keepalive.map(|k| {
             let spread = k.interval.as_secs().max(1);
-            k.idle + Duration::from_secs(crate::echo::faults::random_u64() % spread)
+            k.idle + Duration::from_secs(crate::random::random_u64() % spread)
         })
     }
 

@@ -20,11 +20,12 @@ use tracing::debug;
 use crate::access::Access;
 use crate::config::{FaultSpec, ProxyVersion};
 use crate::connection::{Account, Connection};
-use crate::echo::faults::{chance, Faults};
+use crate::echo::faults::Faults;
 use crate::echo::ring::{Pace, Plain};
 use crate::echo::EchoStream;
 use crate::metrics::{CloseReason, Stage};
 use crate::net;
+use crate::random::chance;
 use banner::{Banner, BannerFields};
 
 /// The stages of one listener.
