@@ -180,3 +180,26 @@ async fn connection_echoes_across_idle_periods_and_buffer_growth() {
     assert!(read_to_eof(&mut stream).await.is_empty());
     server.shutdown().await;
 }
+
+/// A connection that echoes once and falls silent frees its buffers as soon as everything is
+/// echoed, not a quiet tick (1 s) later: a burst of one-shot clients costs no more than its tasks.
+/// One that keeps talking keeps its buffers between messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_echo_frees_its_buffers_at_once_a_dialogue_keeps_them() {
+    let server = TestServer::start(&[]).await;
+    let mut once = server.connect().await;
+    let started = std::time::Instant::now();
+    assert_eq!(echo(&mut once, b"just once").await, b"just once");
+    common::eventually("the buffers freed", || server.handle.copying_connections() == 0).await;
+    let freed = started.elapsed();
+    assert!(freed < std::time::Duration::from_millis(900), "freed only after {freed:?}: a tick later");
+
+    // A dialogue: after its first message the connection keeps its phase between messages.
+    let mut talker = server.connect().await;
+    for i in 0..20u8 {
+        assert_eq!(echo(&mut talker, &[i; 100]).await, [i; 100]);
+    }
+    assert_eq!(server.handle.copying_connections(), 1, "a talking connection keeps its buffers");
+    drop((once, talker));
+    server.shutdown().await;
+}
