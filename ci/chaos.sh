@@ -125,7 +125,7 @@ ip netns del "$probe"
 
 # The blackhole case needs the flags that bound the time to free a vanished peer.
 user_timeout_flags=0
-if "$ECHOD_BIN" --help | grep -q -- '--tcp-user-timeout'; then
+if "$ECHOD_BIN" --help | grep -- '--tcp-user-timeout' >/dev/null; then
     user_timeout_flags=1
 fi
 
@@ -229,8 +229,8 @@ client() {
 rule_figures() {
     local ruleset seen hit
     ruleset=$(inns nft list ruleset)
-    seen=$(sed -n 's/.*meta l4proto tcp counter packets \([0-9]*\).*/\1/p' <<<"$ruleset" | head -n 1)
-    hit=$(grep -F "comment \"$1\"" <<<"$ruleset" | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -n 1)
+    seen=$(sed -n 's/.*meta l4proto tcp counter packets \([0-9]*\).*/\1/p' <<<"$ruleset" | sed -n 1p)
+    hit=$(grep -F "comment \"$1\"" <<<"$ruleset" | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | sed -n 1p)
     awk -v s="${seen:-0}" -v h="${hit:-0}" -v what="$1" \
         'BEGIN { printf "  %s: %d of %d TCP segments (%.1f%%)\n", what, h, s, s ? 100 * h / s : 0 }'
 }
@@ -355,7 +355,7 @@ run_case() {
 
 # --------------------------------------------------------------------------- run
 
-echo "chaos: $("$ECHOD_BIN" --version 2>&1 | head -n 1) ($ECHOD_BIN), kernel $(uname -r)"
+echo "chaos: $("$ECHOD_BIN" --version 2>&1 | sed -n 1p) ($ECHOD_BIN), kernel $(uname -r)"
 suite_t0=$SECONDS
 failed=()
 skipped=()

@@ -29,7 +29,7 @@ if ! command -v haproxy >/dev/null; then
         exit 1
     fi
 fi
-haproxy -v | head -n 1
+haproxy -v | sed -n 1p
 
 # Starts an echod; prints its bound address (read from its log) once it is serving.
 start_echod() {
@@ -45,7 +45,7 @@ start_echod() {
         fi
         sleep 0.05
     done
-    grep -m1 "listening" "$TMP/$name.log" | grep -oE 'address=[0-9.]+:[0-9]+' | head -n 1 | cut -d= -f2
+    grep -m1 "listening" "$TMP/$name.log" | grep -oE 'address=[0-9.]+:[0-9]+' | sed -n 1p | cut -d= -f2
 }
 
 banner='{hostname}-{listener} {client}'

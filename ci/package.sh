@@ -163,7 +163,7 @@ grep -q . "$TMP/lintian.txt" || echo "(nothing to report)"
 
 # ------------------------------------------------------------------------------- install
 step "dpkg -i"
-if dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null | grep -q 'install ok'; then
+if dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null | grep 'install ok' >/dev/null; then
     fail "$PKG is already installed on this machine: purge it first (dpkg --purge $PKG)"
 fi
 # What exists now, to compare with after the purge (paths that name echod).
@@ -178,7 +178,7 @@ dpkg -i "$DEB"
 step "installed: binaries, pages, completions, units (not enabled, not started)"
 /usr/bin/echod --version
 /usr/bin/echod-bench --version
-want="echod $(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)"
+want="echod $(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | sed -n 1p)"
 [[ "$(/usr/bin/echod --version)" == "$want" ]] || fail "/usr/bin/echod --version is not '$want'"
 for f in /usr/share/bash-completion/completions/echod /usr/share/bash-completion/completions/echod-bench \
     /usr/share/zsh/vendor-completions/_echod /usr/share/zsh/vendor-completions/_echod-bench \
