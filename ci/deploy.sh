@@ -90,7 +90,7 @@ if ((${#MISSING[@]})); then
 fi
 podman --version
 docker-compose version --short
-systemd-analyze --version | head -n1
+systemd-analyze --version | sed -n 1p
 
 step "Python tools (ci/deploy/requirements.txt)"
 VENV=${ECHOD_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/echod/deploy-venv}
@@ -103,7 +103,7 @@ fi
 export PATH="$VENV/bin:$PATH"
 PY="$VENV/bin/python"
 hadolint --version
-kubectl version --client 2>/dev/null | head -n2
+kubectl version --client 2>/dev/null | sed -n 1,2p
 INSTALL_DONE=$SECONDS
 
 # ------------------------------------------------------------------------------- binary
@@ -115,7 +115,7 @@ else
     BIN=$TARGET_DIR/x86_64-unknown-linux-gnu/release/echod
 fi
 BIN=$(realpath "$BIN")
-if readelf -lW "$BIN" | grep -q 'program interpreter'; then
+if readelf -lW "$BIN" | grep 'program interpreter' >/dev/null; then
     echo "FAIL: $BIN is dynamically linked; the scratch image has no libc" >&2
     exit 1
 fi
@@ -131,7 +131,7 @@ step "podman build (builder stage replaced by the static binary)"
 mkdir -p "$TMP/builder"
 cp "$BIN" "$TMP/builder/echod"
 REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)
+VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | sed -n 1p)
 export ECHOD_EXPECT_VERSION=$VERSION
 podman build --quiet -f deploy/Dockerfile --build-context "builder=$TMP/builder" \
     --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION" -t "$IMAGE" . >/dev/null

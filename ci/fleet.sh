@@ -37,7 +37,7 @@ trap cleanup EXIT
 ECHOD_PID=$!
 port=""
 for _ in $(seq 100); do
-    port=$(grep -o '127\.0\.0\.1:[1-9][0-9]*' "$TMP/echod.log" | head -n1 | cut -d: -f2 || true)
+    port=$(grep -o '127\.0\.0\.1:[1-9][0-9]*' "$TMP/echod.log" | sed -n 1p | cut -d: -f2 || true)
     [[ -n $port ]] && break
     kill -0 "$ECHOD_PID" 2>/dev/null || { cat "$TMP/echod.log" >&2; exit 1; }
     sleep 0.1

@@ -35,8 +35,14 @@ fn find_addr(line: &str) -> Option<SocketAddr> {
 }
 
 fn start_echod() -> Echod {
+    start_echod_with(&["--listen", "127.0.0.1:0"])
+}
+
+/// echod with these flags (which must include a `--listen` on 127.0.0.1:0), metrics off.
+fn start_echod_with(args: &[&str]) -> Echod {
     let mut child = Command::new(env!("CARGO_BIN_EXE_echod"))
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .args(args)
+        .args(["--metrics-listen", "off"])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -803,6 +809,32 @@ fn proxy_header_in_every_mode() {
     let out =
         bench(addr, &["--proxy-protocol", "v1", "--proxy-source", "[2001:db8::1]:5", "pingpong", "-n", "1"]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&["v6 source"], &out));
+}
+
+/// The same against echod itself: a PROXY listener of each version, with a banner that shows
+/// the client address echod took from the header.
+#[test]
+fn every_mode_against_echods_own_proxy_listener_and_banner() {
+    for version in ["v1", "v2"] {
+        let listen = format!("tcp://127.0.0.1:0?proxy={version}");
+        let echod = start_echod_with(&["--listen", &listen, "--banner", "{client} via {peer}"]);
+        every_mode(
+            echod.addr,
+            &["--proxy-protocol", version, "--expect-banner=198.18.* via 127.*"],
+            |mode, r| {
+                let b = banners(r);
+                let opened = r["connections_opened"].as_u64().unwrap();
+                assert_eq!(
+                    b.len() as u64,
+                    opened,
+                    "{mode}: echod saw one distinct client per connection: {r}"
+                );
+            },
+        );
+        // Without the header, echod closes every connection: the run fails.
+        let out = bench(echod.addr, &["pingpong", "-c", "1", "-n", "5", "--timeout", "2s"]);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&["pingpong"], &out));
+    }
 }
 
 #[test]

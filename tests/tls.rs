@@ -154,11 +154,9 @@ fn tls_flags(dir: &TempDir) -> Vec<String> {
 async fn start(dir: &TempDir, listen: &str, args: &[&str]) -> TestServer {
     let flags = tls_flags(dir);
     let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
-    all.extend(["--metrics-listen", "127.0.0.1:0"]);
+    all.extend(["--listen", listen, "--metrics-listen", "127.0.0.1:0"]);
     all.extend_from_slice(args);
-    let mut config = common::config(&all);
-    config.listen = vec![listen.parse().expect("a listen spec")];
-    TestServer::start_with(config).await
+    TestServer::start(&all).await
 }
 
 /// A client configuration trusting the test CA, for `version` (or both), with an optional
@@ -759,16 +757,17 @@ async fn replaced_files_are_loaded_for_new_handshakes_and_old_sessions_keep_echo
         publish("..v1", 3);
         symlink("..data/tls.crt", k8s.path("tls.crt")).expect("symlink");
         symlink("..data/tls.key", k8s.path("tls.key")).expect("symlink");
-        let mut config = common::config(&[
+        let mounted = TestServer::start(&[
+            "--listen",
+            "tls://127.0.0.1:0",
             "--tls-cert",
             &k8s.file("tls.crt"),
             "--tls-key",
             &k8s.file("tls.key"),
             "--tls-reload-interval",
             "200ms",
-        ]);
-        config.listen = vec!["tls://127.0.0.1:0".parse().expect("spec")];
-        let mounted = TestServer::start_with(config).await;
+        ])
+        .await;
         assert_eq!(served_serial(&connect(mounted.addr, client_config(&pki, None, None)).await), "10:03");
         publish("..v2", 4);
         common::eventually("the swapped Secret loaded", || {

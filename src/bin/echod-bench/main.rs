@@ -162,6 +162,12 @@ struct Cli {
 
     #[command(subcommand)]
     mode: Mode,
+
+    /// Write the man page (`man`) or a shell completion script (`complete-bash`, `complete-zsh`,
+    /// `complete-fish`, `complete-powershell`) to stdout and exit; needs no mode.
+    #[arg(long, value_name = "KIND", value_enum)]
+    #[allow(dead_code)] // read by echod::generate::requested, before a mode is required
+    generate: Option<echod::generate::Generate>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -318,6 +324,9 @@ fn target_host(target: &str) -> &str {
 
 fn main() -> ExitCode {
     let _ = wall(Instant::now());
+    if let Some(kind) = echod::generate::requested(Cli::command()) {
+        return echod::generate::print(kind, Cli::command());
+    }
     let cli = Cli::parse();
     if let Mode::Merge { files } = &cli.mode {
         return merge::main(files, cli.json);
