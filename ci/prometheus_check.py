@@ -36,6 +36,9 @@ CONTRACT = {
     "echod_accept_errors_total": ("counter", {"kind"}, True),
     "echod_max_connections": ("gauge", set(), False),
     "echod_draining": ("gauge", set(), False),
+    # only on a server with a tls:// listener (the live check runs plain TCP)
+    "echod_tls_certificate_expiry_timestamp_seconds": ("gauge", set(), True),
+    "echod_tls_reloads_total": ("counter", {"result"}, True),
     "echod_build_info": ("gauge", {"version"}, False),
     "echod_runtime_workers": ("gauge", set(), False),
     "echod_runtime_alive_tasks": ("gauge", set(), False),
@@ -51,6 +54,7 @@ CONTRACT = {
 }
 LABEL_VALUES = {
     "reason": {"eof", "reset", "idle_timeout", "shutdown", "error"},
+    "result": {"ok", "error"},
     "kind": {"connection_aborted", "too_many_open_files", "no_buffers", "out_of_memory", "other"},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
