@@ -55,7 +55,7 @@ cd "$TMP"
 # The server's: self-signed ECDSA P-256 for localhost and 127.0.0.1 (the clients trust it as
 # their CA file).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-    -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
     -keyout key.pem -out cert.pem 2>/dev/null
 # A client CA, a client certificate it signs, and a self-signed client certificate.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \

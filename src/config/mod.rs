@@ -343,16 +343,16 @@ impl Config {
         }
         let tls_listener = self.listen.iter().find(|l| l.scheme == Scheme::Tls);
         match (tls_listener, &self.tls_cert, &self.tls_key) {
-            (Some(listener), None, _) | (Some(listener), _, None) => {
-                return fail(format!(
-                    "the listener {listener} needs a certificate and its key: give --tls-cert FILE and --tls-key FILE"
-                ))
-            }
             (_, Some(cert), None) => {
                 return fail(format!("--tls-cert {} is given without --tls-key", cert.display()))
             }
             (_, None, Some(key)) => {
                 return fail(format!("--tls-key {} is given without --tls-cert", key.display()))
+            }
+            (Some(listener), None, None) => {
+                return fail(format!(
+                    "the listener {listener} needs a certificate and its key: give --tls-cert FILE and --tls-key FILE"
+                ))
             }
             _ => {}
         }
