@@ -45,8 +45,10 @@ async fn idle_timeout_closes_idle_connections_only() {
     let server = TestServer::start(&["--idle-timeout", "400ms"]).await;
 
     let mut quiet = server.connect().await;
-    assert_eq!(echo(&mut quiet, b"hello").await, b"hello");
+    // The server's idle clock starts at its last read or write, which is after this send began
+    // and may be before the echo arrives here: start the client's clock before the send.
     let quiet_since = Instant::now();
+    assert_eq!(echo(&mut quiet, b"hello").await, b"hello");
     let quiet_closed = tokio::spawn(async move {
         let rest = read_to_eof(&mut quiet).await;
         (rest, quiet_since.elapsed())
