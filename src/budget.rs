@@ -95,6 +95,21 @@ pub enum LimitSource {
     Fallback,
 }
 
+impl std::fmt::Display for LimitSource {
+    /// Where the limit came from, as the start-up log shows it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::config::values::format_size;
+        match self {
+            LimitSource::Flag => f.write_str("--max-buffer-memory"),
+            LimitSource::Cgroup(limit) => {
+                write!(f, "half the cgroup's memory limit of {}", format_size(*limit))
+            }
+            LimitSource::Machine(total) => write!(f, "a quarter of the machine's {}", format_size(*total)),
+            LimitSource::Fallback => f.write_str("fallback (no memory limit could be read)"),
+        }
+    }
+}
+
 /// The limit when the flag says `auto`.
 pub const FALLBACK_LIMIT: u64 = 1 << 30;
 

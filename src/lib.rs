@@ -111,6 +111,11 @@ pub async fn run(config: Config) -> Result<DrainReport, Error> {
 
 /// The start-up log lines: each listener in `--listen` syntax with its bound address, warnings
 /// about what the flags leave open, and one summary line.
+/// A duration as the flags take it (`1m 40s`), or `off`.
+fn duration_or_off(d: Option<std::time::Duration>) -> String {
+    d.map_or_else(|| "off".to_string(), |d| humantime::format_duration(d).to_string())
+}
+
 pub fn log_start(config: &Config, server: &Server) {
     if let Some(tls) = server.handle().tls_certificate() {
         info!(serial = %tls.serial, subject = %tls.subject, not_after = %tls.expires(), "TLS certificate loaded");
@@ -131,29 +136,26 @@ pub fn log_start(config: &Config, server: &Server) {
             warn!("--allow and --deny leave no client address that may be served");
         }
     }
-    if config.max_connections_per_source.is_some() || config.connect_rate_per_source.is_some() {
-        info!(
-            max_connections_per_source = ?config.max_connections_per_source,
-            connect_rate_per_source = ?config.connect_rate_per_source,
-            "per-source limits"
-        );
-    }
     if let Some(addr) = server.metrics_addr() {
         info!(address = %addr, "serving /metrics, /healthz, /readyz");
     }
     let (budget, source) = server.buffer_budget();
+    let listeners = server.listeners().iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
+    let per_source = |v: Option<String>| v.unwrap_or_else(|| "off".to_string());
     info!(
         version = env!("CARGO_PKG_VERSION"),
         workers = config.worker_threads(),
-        listeners = ?server.local_addrs(),
+        listeners = %listeners,
         max_connections = server.max_connections(),
         max_buffer_memory = %crate::config::values::format_size(budget as u64),
-        max_buffer_memory_from = ?source,
-        idle_timeout = ?config.idle_timeout.0,
-        tcp_keepalive = ?config.tcp_keepalive.0,
-        tcp_user_timeout = ?config.user_timeout(),
-        shutdown_timeout = ?config.shutdown_timeout,
-        metrics = ?server.metrics_addr(),
+        max_buffer_memory_from = %source,
+        idle_timeout = %duration_or_off(config.idle_timeout.0),
+        tcp_keepalive = %duration_or_off(config.tcp_keepalive.0),
+        tcp_user_timeout = %duration_or_off(config.user_timeout()),
+        shutdown_timeout = %duration_or_off(Some(config.shutdown_timeout)),
+        max_connections_per_source = %per_source(config.max_connections_per_source.map(|n| n.to_string())),
+        connect_rate_per_source = %per_source(config.connect_rate_per_source.map(|r| format!("{r}/s"))),
+        metrics = %server.metrics_addr().map_or_else(|| "off".to_string(), |a| a.to_string()),
         "echod started"
     );
 }

@@ -325,16 +325,18 @@ impl Server {
             tokio::spawn(certificates.watch(every, tls_watch.clone()));
         }
 
-        let http_stop = CancellationToken::new();
-        if let Some((_, socket)) = http {
-            let context = Arc::new(HttpContext { conn: conn.clone(), state: state.clone() });
-            tokio::spawn(http::serve(socket, context, http_stop.clone()));
-        }
         let stop_accepting = CancellationToken::new();
         let mut supervisors = JoinSet::new();
         for listener in listeners {
             state.accepting.fetch_add(1, Ordering::Relaxed);
             supervisors.spawn(supervise(listener, accept.clone(), state.clone(), stop_accepting.clone()));
+        }
+        // After the listeners are counted as accepting: a probe that arrives the moment the
+        // endpoint serves must not see "no listener is accepting".
+        let http_stop = CancellationToken::new();
+        if let Some((_, socket)) = http {
+            let context = Arc::new(HttpContext { conn: conn.clone(), state: state.clone() });
+            tokio::spawn(http::serve(socket, context, http_stop.clone()));
         }
         drop(accept);
         systemd::notify_ready();
