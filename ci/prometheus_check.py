@@ -53,7 +53,8 @@ CONTRACT = {
     "process_threads": ("gauge", set(), False),
 }
 LABEL_VALUES = {
-    "reason": {"eof", "reset", "idle_timeout", "shutdown", "error"},
+    "reason": {"eof", "reset", "idle_timeout", "shutdown", "error", "handshake_failed", "rejected",
+               "injected_close", "injected_reset"},
     "result": {"ok", "error"},
     "kind": {"connection_aborted", "too_many_open_files", "no_buffers", "out_of_memory", "other"},
 }
