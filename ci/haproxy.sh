@@ -31,7 +31,8 @@ if ! command -v haproxy >/dev/null; then
 fi
 haproxy -v | sed -n 1p
 
-# Starts an echod; prints its bound address (read from its log) once it is serving.
+# Starts an echod and waits until it is serving; sets ADDR to its bound address (read from its
+# log). Runs in this shell, not a command substitution, so that cleanup sees its PID.
 start_echod() {
     local name=$1; shift
     "$ECHOD_BIN" "$@" --metrics-listen off >"$TMP/$name.log" 2>&1 &
@@ -45,12 +46,14 @@ start_echod() {
         fi
         sleep 0.05
     done
-    grep -m1 "listening" "$TMP/$name.log" | grep -oE 'address=[0-9.]+:[0-9]+' | sed -n 1p | cut -d= -f2
+    ADDR=$(grep -m1 "listening" "$TMP/$name.log" | grep -oE 'address=[0-9.]+:[0-9]+' | sed -n 1p | cut -d= -f2)
 }
 
 banner='{hostname}-{listener} {client}'
-v2=$(start_echod v2 --listen 'tcp://127.0.0.1:0?proxy=v2' --proxy-from 127.0.0.1 --banner "$banner")
-v1=$(start_echod v1 --listen 'tcp://127.0.0.1:0?proxy=v1' --proxy-from 127.0.0.1 --banner "$banner")
+start_echod v2 --listen 'tcp://127.0.0.1:0?proxy=v2' --proxy-from 127.0.0.1 --banner "$banner"
+v2=$ADDR
+start_echod v1 --listen 'tcp://127.0.0.1:0?proxy=v1' --proxy-from 127.0.0.1 --banner "$banner"
+v1=$ADDR
 front=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 echo "echod backends: $v2 (PROXY v2), $v1 (PROXY v1); HAProxy frontend 127.0.0.1:$front"
 

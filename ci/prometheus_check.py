@@ -528,7 +528,20 @@ def cmd_live(args):
         print(f"  note: firing on the test server: {firing}")
 
     if args.echod_pid:
-        print(f"--- SIGTERM to echod (pid {args.echod_pid}) with a client still connected")
+        # A drain closes idle connections at once: the client that keeps echod draining has
+        # data in flight, sent until its own and echod's buffers are full, never read.
+        busy = socket.socket()
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        busy.settimeout(5)
+        busy.connect((host, port))
+        busy.setblocking(False)
+        chunk = b"x" * 65536
+        for _ in range(1024):  # bounded: at most 64 MiB
+            try:
+                busy.send(chunk)
+            except BlockingIOError:
+                break
+        print(f"--- SIGTERM to echod (pid {args.echod_pid}) with a client still sending")
         os.kill(args.echod_pid, signal.SIGTERM)
 
         def readyz_503():
@@ -545,6 +558,7 @@ def cmd_live(args):
             print(f"  FAIL: echod_draining is {draining} while draining, expected [1]")
         else:
             print("  OK: /readyz answers 503 and echod_draining is 1 while the last client is connected")
+        busy.close()
     keep.close()
     if failures:
         fail(f"{failures} live check(s) failed")

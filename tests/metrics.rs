@@ -201,7 +201,10 @@ async fn closes_are_counted_by_reason() {
     .await;
 
     // shutdown: a client that keeps talking through the drain is closed at the timeout.
+    // It talks once before the drain starts: a connection that never sent a byte is idle, and
+    // the drain closes idle connections at once.
     let mut chatty = server.connect().await;
+    assert_eq!(echo(&mut chatty, b"x").await, b"x");
     server.begin_shutdown();
     let talk = tokio::spawn(async move {
         for _ in 0..200 {
