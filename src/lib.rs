@@ -8,7 +8,7 @@
 //! * [`net`]: socket binding and options, and what to do when accept fails;
 //! * [`listener`]: the stream accept loop;
 //! * [`stage`]: what runs before the echo (PROXY header, banner);
-//! * [`connection`]: one client's echo and its accounting;
+//! * [`connection`]: one client's echo and its accounting; [`udp`]: the UDP echo;
 //! * [`echo`]: the copy phases, the loop between the copies, faults, the buffer budget;
 //! * [`shutdown`]: the platform's stop requests; [`systemd`]: socket activation and notify;
 //! * [`metrics`]: names, recorder, handles; `http`: the /metrics, /healthz, /readyz endpoint;
@@ -35,6 +35,7 @@ pub mod shutdown;
 pub mod stage;
 pub mod systemd;
 pub mod telemetry;
+pub mod udp;
 
 pub use config::Config;
 pub use server::{DrainReport, Server, ServerHandle};
@@ -75,6 +76,8 @@ pub async fn run(config: Config) -> Result<DrainReport, Error> {
         version = env!("CARGO_PKG_VERSION"),
         workers = config.worker_threads(),
         listeners = ?server.local_addrs(),
+        udp_listeners = ?server.udp_addrs(),
+        udp_rate_limit = ?config.udp_rate_limit.0,
         max_connections = server.max_connections(),
         max_buffer_memory = %config::values::format_size(budget as u64),
         max_buffer_memory_from = ?source,
