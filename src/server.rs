@@ -226,8 +226,13 @@ impl Server {
             .iter()
             .filter(|s| !s.scheme.is_stream())
             .map(|spec| {
-                UdpListener::bind(spec, config.worker_threads(), config.udp_socket_buffer)
-                    .map_err(|source| Error::Bind { addr: spec.addr, source })
+                UdpListener::bind(
+                    spec,
+                    config.worker_threads(),
+                    config.udp_socket_buffer,
+                    &accept.conn.metrics,
+                )
+                .map_err(|source| Error::Bind { addr: spec.addr, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let udp_shared = Arc::new(udp::Shared::new(config.udp_rate_limit.0));
@@ -327,7 +332,7 @@ impl Server {
         let mut udp_loops = Vec::new();
         for listener in udp {
             let spec = listener.spec.clone();
-            match listener.serve(udp_shared.clone(), &conn.metrics) {
+            match listener.serve(udp_shared.clone()) {
                 Ok(loops) => {
                     state.udp_serving.fetch_add(1, Ordering::Relaxed);
                     udp_loops.push((spec, loops));

@@ -114,12 +114,19 @@ pub struct UdpListener {
     pub spec: ListenSpec,
     sockets: Vec<socket2::Socket>,
     loops: usize,
+    counters: Arc<UdpCounters>,
 }
 
 impl UdpListener {
-    /// Binds `spec` for `loops` receive loops with `buffer`-byte socket buffers. A busy address
-    /// fails here, naming it (through the caller).
-    pub fn bind(spec: &ListenSpec, loops: usize, buffer: usize) -> io::Result<UdpListener> {
+    /// Binds `spec` for `loops` receive loops with `buffer`-byte socket buffers, and registers
+    /// its metrics (exported from then on, at 0). A busy address fails here, naming it (through
+    /// the caller).
+    pub fn bind(
+        spec: &ListenSpec,
+        loops: usize,
+        buffer: usize,
+        metrics: &ServerMetrics,
+    ) -> io::Result<UdpListener> {
         let loops = loops.max(1);
         let per_loop = cfg!(target_os = "linux") && loops > 1;
         let sockets = if per_loop {
@@ -144,8 +151,9 @@ impl UdpListener {
             log_buffers(spec, &buffers);
             vec![socket]
         };
-        let bound = local_addr(&sockets[0])?;
-        Ok(UdpListener { spec: spec.with_addr(bound), sockets, loops })
+        let spec = spec.with_addr(local_addr(&sockets[0])?);
+        let counters = Arc::new(metrics.udp(&spec.label()));
+        Ok(UdpListener { spec, sockets, loops, counters })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -154,8 +162,8 @@ impl UdpListener {
 
     /// Starts the listener's receive loops. Dropping (or aborting) their tasks closes the
     /// sockets.
-    pub fn serve(self, shared: Arc<Shared>, metrics: &ServerMetrics) -> io::Result<Vec<JoinHandle<()>>> {
-        let counters = Arc::new(metrics.udp(&self.spec.label()));
+    pub fn serve(self, shared: Arc<Shared>) -> io::Result<Vec<JoinHandle<()>>> {
+        let counters = self.counters;
         let label: Arc<str> = self.spec.to_string().into();
         let mut tasks = Vec::with_capacity(self.loops);
         let mut spawn = |socket: Arc<tokio::net::UdpSocket>| {
