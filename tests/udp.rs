@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{eventually_saw, metric, run_to_exit, scale, TIMEOUT};
@@ -682,4 +683,216 @@ fn the_start_up_log_names_each_udp_listener() {
     let echod = Binary::start(&["--listen", "udp://127.0.0.1:0", "--metrics-listen", "off"]);
     assert_eq!(echod.udp.len(), 1);
     assert_ne!(echod.udp[0].port(), 0, "the bound port is logged");
+}
+
+/// Runs echod-bench's udp mode against `target` (bounded in time); returns its exit code and
+/// its JSON report.
+fn bench_udp(target: SocketAddr, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
+        .arg("--target")
+        .arg(target.to_string())
+        .args(["--quiet", "--json"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start echod-bench");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("echod-bench {args:?} ran past {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    use std::io::Read;
+    child.stdout.take().map(|mut s| s.read_to_string(&mut out));
+    child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    let report = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}\n{err}"));
+    (status.code(), report, err)
+}
+
+fn count(report: &serde_json::Value, field: &str) -> u64 {
+    report["udp"][field].as_u64().unwrap_or_else(|| panic!("no udp.{field} in {report}"))
+}
+
+#[test]
+fn echod_bench_udp_verifies_echod_closed_and_open_loop() {
+    let echod = Binary::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+        "--udp-rate-limit",
+        "off",
+    ]);
+    let target = echod.udp[0];
+    let n = scale(4000, 400).to_string();
+    for args in [
+        vec!["udp", "-c", "4", "-k", "8", "-n", &n, "--size", "64"],
+        vec!["udp", "-c", "2", "-k", "4", "-n", &n, "--size", "1400"],
+        vec!["udp", "-c", "2", "--rate", "2000", "-d", "1s", "--size", "512"],
+    ] {
+        let (code, report, err) = bench_udp(target, &args);
+        assert_eq!(code, Some(0), "{args:?}: {report}\n{err}");
+        assert_eq!(report["mode"], "udp");
+        assert_eq!(report["ok"], true);
+        let sent = count(&report, "sent");
+        assert!(sent > 0);
+        assert_eq!(count(&report, "received"), sent, "{report}");
+        for field in ["lost", "duplicates", "corrupted"] {
+            assert_eq!(count(&report, field), 0, "{field}: {report}");
+        }
+        assert!(report["latency_us"]["p50"].as_f64().is_some_and(|p| p > 0.0), "{report}");
+    }
+}
+
+/// A UDP echo that misbehaves on purpose, every `every`th datagram.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    Drop,
+    Duplicate,
+    Corrupt,
+    /// Held back and sent after the next one.
+    Reorder,
+}
+
+struct Double {
+    addr: SocketAddr,
+    faults: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Double {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn double(fault: Fault, every: u64) -> Double {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the double");
+    socket.set_read_timeout(Some(Duration::from_millis(50))).expect("read timeout");
+    let addr = socket.local_addr().expect("its address");
+    let (faults, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let (f, s) = (faults.clone(), stop.clone());
+    let thread = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 70_000];
+        let mut held: Option<(Vec<u8>, SocketAddr)> = None;
+        let mut n = 0u64;
+        let give_up = std::time::Instant::now() + TIMEOUT;
+        while !s.load(Ordering::Relaxed) && std::time::Instant::now() < give_up {
+            let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                // Quiet: a held datagram goes out now (the last one has nothing to wait for).
+                if let Some((d, to)) = held.take() {
+                    let _ = socket.send_to(&d, to);
+                }
+                continue;
+            };
+            n += 1;
+            let d = &mut buf[..len];
+            let faulty = n % every == 0;
+            match fault {
+                _ if !faulty => {
+                    let _ = socket.send_to(d, from);
+                }
+                Fault::Drop => {}
+                Fault::Duplicate => {
+                    let _ = socket.send_to(d, from);
+                    let _ = socket.send_to(d, from);
+                }
+                Fault::Corrupt => {
+                    let last = d.len() - 1;
+                    d[last] ^= 0x40;
+                    let _ = socket.send_to(d, from);
+                }
+                Fault::Reorder => {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    held = Some((d.to_vec(), from));
+                    continue;
+                }
+            }
+            if faulty {
+                f.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some((d, to)) = held.take() {
+                let _ = socket.send_to(&d, to);
+            }
+        }
+    });
+    Double { addr, faults, stop, thread: Some(thread) }
+}
+
+#[test]
+fn echod_bench_udp_reports_loss_duplicates_reordering_and_corruption_apart() {
+    let run = |fault, extra: &[&str]| {
+        let d = double(fault, 10);
+        let mut args =
+            vec!["udp", "-c", "2", "-k", "4", "-n", "600", "--size", "100", "--loss-timeout", "200ms"];
+        args.extend_from_slice(extra);
+        let (code, report, err) = bench_udp(d.addr, &args);
+        let faults = d.faults.load(Ordering::Relaxed);
+        assert!(faults > 0, "{fault:?}: the double did nothing");
+        (code, report, err, faults)
+    };
+
+    let (code, r, err, dropped) = run(Fault::Drop, &[]);
+    assert_eq!(code, Some(1), "loss over --max-loss 0 fails: {r}\n{err}");
+    assert!(err.contains("--max-loss"), "{err}");
+    assert_eq!(count(&r, "lost"), dropped, "{r}");
+    assert_eq!((count(&r, "duplicates"), count(&r, "corrupted")), (0, 0), "{r}");
+    assert_eq!(r["errors"], 0, "loss is not an error of its own: {r}");
+    let (code, r, err, _) = run(Fault::Drop, &["--max-loss", "0.2"]);
+    assert_eq!(code, Some(0), "10% loss passes --max-loss 0.2: {r}\n{err}");
+
+    let (code, r, err, duplicated) = run(Fault::Duplicate, &[]);
+    assert_eq!(code, Some(0), "duplicates are reported, not a failure: {r}\n{err}");
+    // A socket stops listening once its last datagram is back, so the copy of its very last
+    // one may come too late to be seen: at most one per socket.
+    let seen = count(&r, "duplicates");
+    assert!((duplicated - 2..=duplicated).contains(&seen), "{seen} of {duplicated} duplicates seen: {r}");
+    assert_eq!((count(&r, "lost"), count(&r, "corrupted")), (0, 0), "{r}");
+
+    let (code, r, err, held) = run(Fault::Reorder, &[]);
+    assert_eq!(code, Some(0), "reordering is reported, not a failure: {r}\n{err}");
+    // A held datagram is released after the next one the double receives, which may be
+    // another socket's: then its own socket may see nothing out of order.
+    let reordered = count(&r, "reordered");
+    assert!((1..=held).contains(&reordered), "{reordered} reordered of {held} held: {r}");
+    assert_eq!((count(&r, "lost"), count(&r, "duplicates")), (0, 0), "{r}");
+
+    let (code, r, err, corrupted) = run(Fault::Corrupt, &["--max-loss", "1"]);
+    assert_eq!(code, Some(1), "corruption fails the run: {r}\n{err}");
+    assert_eq!(count(&r, "corrupted"), corrupted, "{r}");
+    assert_eq!(r["mismatches"], corrupted, "{r}");
+    assert_eq!(count(&r, "duplicates"), 0, "{r}");
+}
+
+#[test]
+fn echod_bench_udp_usage_errors_exit_2() {
+    let target = SocketAddr::from(([127, 0, 0, 1], 9));
+    for args in [
+        &["udp", "--size", "8"][..],
+        &["udp", "--size", "70000"],
+        &["udp", "-k", "0"],
+        &["udp", "--max-loss", "2"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
+            .arg("--target")
+            .arg(target.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run echod-bench");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

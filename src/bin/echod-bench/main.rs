@@ -15,6 +15,7 @@ mod progress;
 mod run;
 mod stats;
 mod stream;
+mod udp;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
@@ -116,6 +117,8 @@ enum Mode {
     },
     /// Open N connections, echo a byte on each, hold them, re-check a sample, close.
     Hold,
+    /// UDP: sockets keep K datagrams in flight (or send at --rate); every one is checked.
+    Udp(udp::Args),
 }
 
 impl Mode {
@@ -125,6 +128,7 @@ impl Mode {
             Mode::Stream { .. } => "stream",
             Mode::Churn { .. } => "churn",
             Mode::Hold => "hold",
+            Mode::Udp(_) => "udp",
         }
     }
 }
@@ -177,6 +181,9 @@ fn usage_error(kind: clap::error::ErrorKind, message: impl std::fmt::Display) ->
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Mode::Udp(args) = &cli.mode {
+        return udp::main(&cli, args);
+    }
     let target = match cli.target.to_socket_addrs().map(|mut a| a.next()) {
         Ok(Some(addr)) => addr,
         _ => usage_error(
@@ -230,6 +237,7 @@ fn main() -> ExitCode {
         Mode::Pingpong { .. } => "msgs",
         Mode::Stream { .. } => "chunks",
         Mode::Churn { .. } | Mode::Hold => "conns",
+        Mode::Udp(_) => unreachable!("udp::main runs the udp mode"),
     };
     let progress_duration = match cli.mode {
         Mode::Hold => None,
@@ -266,6 +274,7 @@ fn main() -> ExitCode {
                 let (elapsed, report) = hold::run(&run, duration.unwrap_or(Duration::from_secs(10))).await;
                 (elapsed, Some(report))
             }
+            Mode::Udp(_) => unreachable!("udp::main runs the udp mode"),
         }
     });
     // Abandoned tasks (past the time limit) must not keep the process alive.
@@ -280,6 +289,7 @@ fn main() -> ExitCode {
         Mode::Stream { size } => (Some(size), None),
         Mode::Churn { size, rate, .. } => (Some(size), Some(rate)),
         Mode::Hold => (None, None),
+        Mode::Udp(_) => unreachable!("udp::main runs the udp mode"),
     };
     let report = Report {
         mode: cli.mode.name(),
