@@ -588,6 +588,29 @@ impl SocketState {
             if !sending && self.in_flight == 0 {
                 break;
             }
+            // Take what has come back without waiting (no timer armed while datagrams flow).
+            let mut took = 0;
+            while took < 64 {
+                match job.socket.try_recv(&mut self.back) {
+                    Ok(len) => {
+                        took += 1;
+                        if let Err(failure) = self.receive(job, len) {
+                            job.stats.fail(failure);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        return Err(Failure::new(
+                            ErrorKind::Io,
+                            format!("socket {}: nothing listening at the target (port unreachable)", job.id),
+                        ));
+                    }
+                    Err(e) => return Err(Failure::io(job.id, "receive", e)),
+                }
+            }
+            if took > 0 {
+                continue;
+            }
             // Wait for a datagram, the next send, the next loss, or the deadline.
             let mut wake = [next_send, expiry, job.deadline.filter(|_| sending)]
                 .into_iter()
