@@ -896,3 +896,49 @@ fn echod_bench_udp_usage_errors_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// A buffer larger than the kernel allows is granted capped, and echod says so at start.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_capped_socket_buffer_is_logged() {
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if rmem_max == 0 || rmem_max >= 1 << 30 {
+        eprintln!("skipped: net.core.rmem_max ({rmem_max}) does not cap 1 GiB");
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_echod"))
+        .args(["--listen", "udp://127.0.0.1:0", "--udp-socket-buffer", "1GiB", "--metrics-listen", "off"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start echod");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut capped = None;
+    loop {
+        let line = rx.recv_timeout(TIMEOUT).expect("echod logs its start-up");
+        if line.contains("capped the UDP socket buffers") {
+            capped = Some(line);
+        } else if line.contains("echod started") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = capped.expect("a warning that the kernel capped the buffers");
+    assert!(line.contains("requested=1073741824") && line.contains("net.core.rmem_max"), "{line}");
+}
