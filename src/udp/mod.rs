@@ -22,9 +22,10 @@
 //! Each listener runs one receive loop per runtime worker, and each loop allocates its buffers
 //! once ([`socket::Batch`], [`socket::BATCH`] slots of [`socket::SLOT`] bytes): no allocation per
 //! datagram. On Linux every loop has a socket of its own, bound to the same address with
-//! `SO_REUSEPORT`, and the kernel spreads clients over them by address and port; elsewhere the
-//! loops share one socket. A loop receives a batch, decides for each datagram, answers the batch
-//! and adds the batch's counts to the metrics (counts are per batch, never per datagram).
+//! `SO_REUSEPORT`, and the kernel spreads clients over them by address and port; elsewhere a
+//! listener has one socket and one loop (see [`UdpListener::bind`] for why). A loop receives a
+//! batch, decides for each datagram, answers the batch and adds the batch's counts to the
+//! metrics (counts are per batch, never per datagram).
 //!
 //! A listener stops answering when the stream listeners close during a drain (UDP has no
 //! connections to wait for): its loops are ended and its sockets closed.
@@ -108,12 +109,11 @@ impl Shared {
     }
 }
 
-/// One bound `udp://` listener: its sockets, one per loop (or one shared by the loops).
+/// One bound `udp://` listener: its sockets, one per loop.
 pub struct UdpListener {
     /// The listener as given, with its bound address.
     pub spec: ListenSpec,
     sockets: Vec<socket2::Socket>,
-    loops: usize,
     counters: Arc<UdpCounters>,
 }
 
@@ -127,8 +127,11 @@ impl UdpListener {
         buffer: usize,
         metrics: &ServerMetrics,
     ) -> io::Result<UdpListener> {
-        let loops = loops.max(1);
-        let per_loop = cfg!(target_os = "linux") && loops > 1;
+        // Off Linux there is no SO_REUSEPORT to give each loop a socket, and loops sharing one
+        // socket measured worse than one loop alone (under Wine: a fifth of the rate, and
+        // sends refused as would-block while another loop sends), so there is one loop.
+        let loops = if cfg!(target_os = "linux") { loops.max(1) } else { 1 };
+        let per_loop = loops > 1;
         let sockets = if per_loop {
             // SO_REUSEPORT would let these sockets join a group another process of this user
             // already bound: a socket without it goes first and fails if the address is busy,
@@ -153,7 +156,7 @@ impl UdpListener {
         };
         let spec = spec.with_addr(local_addr(&sockets[0])?);
         let counters = Arc::new(metrics.udp(&spec.label()));
-        Ok(UdpListener { spec, sockets, loops, counters })
+        Ok(UdpListener { spec, sockets, counters })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -165,20 +168,10 @@ impl UdpListener {
     pub fn serve(self, shared: Arc<Shared>) -> io::Result<Vec<JoinHandle<()>>> {
         let counters = self.counters;
         let label: Arc<str> = self.spec.to_string().into();
-        let mut tasks = Vec::with_capacity(self.loops);
-        let mut spawn = |socket: Arc<tokio::net::UdpSocket>| {
+        let mut tasks = Vec::with_capacity(self.sockets.len());
+        for socket in self.sockets {
+            let socket = tokio::net::UdpSocket::from_std(socket.into())?;
             tasks.push(tokio::spawn(run(socket, shared.clone(), counters.clone(), label.clone())));
-        };
-        if self.sockets.len() == self.loops {
-            for socket in self.sockets {
-                spawn(Arc::new(tokio::net::UdpSocket::from_std(socket.into())?));
-            }
-        } else {
-            let socket = self.sockets.into_iter().next().expect("a listener has a socket");
-            let socket = Arc::new(tokio::net::UdpSocket::from_std(socket.into())?);
-            for _ in 0..self.loops {
-                spawn(socket.clone());
-            }
         }
         Ok(tasks)
     }
@@ -233,7 +226,7 @@ fn transient(err: &io::Error) -> bool {
 /// it. Ends only when its task is aborted.
 #[cfg(target_os = "linux")]
 async fn run(
-    socket: Arc<tokio::net::UdpSocket>,
+    socket: tokio::net::UdpSocket,
     shared: Arc<Shared>,
     counters: Arc<UdpCounters>,
     listener: Arc<str>,
@@ -246,6 +239,9 @@ async fn run(
     let fd = socket.as_raw_fd();
     debug!(listener = %listener, "UDP loop started");
     loop {
+        // Waiting for readiness does not count against the task's budget: this makes sure the
+        // loop yields to the worker's other tasks now and then even under a constant flood.
+        tokio::task::consume_budget().await;
         if let Err(err) = socket.readable().await {
             errors.error(&listener, &err);
             tokio::time::sleep(ERROR_PAUSE).await;
@@ -281,10 +277,10 @@ async fn run(
     }
 }
 
-/// One receive loop (other platforms): the same, with a receive and a send per datagram.
+/// The receive loop (other platforms): the same, with a receive and a send per datagram.
 #[cfg(not(target_os = "linux"))]
 async fn run(
-    socket: Arc<tokio::net::UdpSocket>,
+    socket: tokio::net::UdpSocket,
     shared: Arc<Shared>,
     counters: Arc<UdpCounters>,
     listener: Arc<str>,
@@ -293,12 +289,18 @@ async fn run(
     let mut errors = ErrorLog { last: None, suppressed: 0 };
     debug!(listener = %listener, "UDP loop started");
     loop {
+        // Waiting for readiness does not count against the task's budget: this makes sure a
+        // socket that stays ready (an error the platform repeats) cannot hold the worker.
+        tokio::task::consume_budget().await;
         if let Err(err) = socket.readable().await {
             errors.error(&listener, &err);
             tokio::time::sleep(ERROR_PAUSE).await;
             continue;
         }
         match batch.recv(&socket) {
+            // Readable, yet only errors that were skipped (Windows' reports of unreachable
+            // ports): pause rather than spin on them.
+            Ok(0) => tokio::time::sleep(ERROR_PAUSE).await,
             Ok(_) => {
                 let mut tally = UdpTally::default();
                 shared.judge(&mut batch, Instant::now(), &mut tally);
