@@ -7,6 +7,9 @@
 #      kinds (oldest and newest supported Kubernetes); ServiceMonitor and PrometheusRule
 #      against strict JSON Schemas of the Prometheus Operator's CRDs; PrometheusRule in sync
 #      with deploy/prometheus/rules/echod.rules.yml; grace period > delay + timeout.
+#      deploy/kubernetes/bench (the echod-bench Job) the same way, its invariants (Indexed,
+#      one start time that bench/fleet sets, results on stdout, the base's Service as target)
+#      and its Dockerfile with hadolint.
 #   3. deploy/systemd: systemd-analyze verify (must print nothing), systemd-analyze security
 #      (exposure <= 1.5); socket activation and sd_notify through systemd-socket-activate.
 #   4. deploy/compose.yaml: compose-spec schema, docker-compose config, mounted files exist,
@@ -87,7 +90,7 @@ if ((${#MISSING[@]})); then
 fi
 podman --version
 docker-compose version --short
-systemd-analyze --version | head -n1
+systemd-analyze --version | sed -n 1p
 
 step "Python tools (ci/deploy/requirements.txt)"
 VENV=${ECHOD_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/echod/deploy-venv}
@@ -100,7 +103,7 @@ fi
 export PATH="$VENV/bin:$PATH"
 PY="$VENV/bin/python"
 hadolint --version
-kubectl version --client 2>/dev/null | head -n2
+kubectl version --client 2>/dev/null | sed -n 1,2p
 INSTALL_DONE=$SECONDS
 
 # ------------------------------------------------------------------------------- binary
@@ -112,7 +115,7 @@ else
     BIN=$TARGET_DIR/x86_64-unknown-linux-gnu/release/echod
 fi
 BIN=$(realpath "$BIN")
-if readelf -lW "$BIN" | grep -q 'program interpreter'; then
+if readelf -lW "$BIN" | grep 'program interpreter' >/dev/null; then
     echo "FAIL: $BIN is dynamically linked; the scratch image has no libc" >&2
     exit 1
 fi
@@ -128,7 +131,7 @@ step "podman build (builder stage replaced by the static binary)"
 mkdir -p "$TMP/builder"
 cp "$BIN" "$TMP/builder/echod"
 REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)
+VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | sed -n 1p)
 export ECHOD_EXPECT_VERSION=$VERSION
 podman build --quiet -f deploy/Dockerfile --build-context "builder=$TMP/builder" \
     --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION" -t "$IMAGE" . >/dev/null
@@ -206,6 +209,76 @@ while read -r tag kind file schema; do
     CRDS=$((CRDS + 1))
 done <"$TMP/split.txt"
 [[ $CRDS == 2 ]] || { echo "FAIL: expected 2 Prometheus Operator objects, got $CRDS" >&2; exit 1; }
+
+step "kubectl kustomize deploy/kubernetes/bench (the echod-bench Job)"
+kubectl kustomize deploy/kubernetes/bench >"$TMP/bench.yaml"
+echo "$(grep -c '^kind:' "$TMP/bench.yaml") object(s): $(grep '^kind:' "$TMP/bench.yaml" | cut -d' ' -f2 | tr '\n' ' ')"
+for version in 1.30 1.37; do
+    step "kubernetes-validate --strict (Kubernetes $version): deploy/kubernetes/bench"
+    kubernetes-validate --strict -k "$version" "$TMP/bench.yaml" | tee "$TMP/kv-bench.txt"
+    if grep -qv '^INFO .* passed ' "$TMP/kv-bench.txt"; then
+        echo "FAIL: kubernetes-validate reported more than passes" >&2
+        exit 1
+    fi
+done
+
+step "echod-bench Job invariants (Indexed, one start time, results on stdout, the base's Service)"
+"$PY" - "$TMP/bench.yaml" "$TMP/rendered.yaml" <<'EOF'
+import re, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+base = [d for d in yaml.safe_load_all(open(sys.argv[2])) if d]
+errors = []
+if [d["kind"] for d in docs] != ["Job"]:
+    sys.exit(f"FAIL: deploy/kubernetes/bench renders {[d['kind'] for d in docs]}, expected one Job")
+(job,) = docs
+spec = job["spec"]
+pod = spec["template"]["spec"]
+(ctr,) = pod["containers"]
+if spec.get("completionMode") != "Indexed":
+    errors.append("completionMode is not Indexed")
+if not (spec.get("parallelism") == spec.get("completions") and spec.get("parallelism", 0) >= 2):
+    errors.append("parallelism must equal completions (all workers at once), at least 2")
+if spec.get("backoffLimit") != 0 or pod.get("restartPolicy") != "Never":
+    errors.append("a failed worker must fail the Job: backoffLimit 0, restartPolicy Never")
+if not spec.get("activeDeadlineSeconds"):
+    errors.append("no activeDeadlineSeconds: the Job must be bounded in time")
+args = ctr.get("args", [])
+for want in ("--json", "--histogram=-", "--start-at=$(START_AT)"):
+    if want not in args:
+        errors.append(f"args lack {want}")
+env = {e["name"]: e for e in ctr.get("env", [])}
+start = env.get("START_AT", {}).get("value", "")
+if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", start):
+    errors.append(f"START_AT {start!r} is not an RFC 3339 UTC time")
+if open("bench/fleet").read().count(start) < 2:
+    errors.append(f"bench/fleet does not replace START_AT's placeholder {start!r}")
+field = env.get("ECHOD_BENCH_WORKER", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+if field != "metadata.annotations['batch.kubernetes.io/job-completion-index']":
+    errors.append("ECHOD_BENCH_WORKER does not come from the completion index")
+target = next((a.split("=", 1)[1] for a in args if a.startswith("--target=")), "")
+svc = next(d for d in base if d["kind"] == "Service")
+ports = {p["port"] for p in svc["spec"]["ports"] if p["name"] == "echo"}
+host, _, port = target.rpartition(":")
+if host != svc["metadata"]["name"] or not port.isdigit() or int(port) not in ports:
+    errors.append(f"--target {target!r} is not the base's Service {svc['metadata']['name']} echo port {ports}")
+sc = ctr.get("securityContext", {})
+for key, value in {"runAsNonRoot": True, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False}.items():
+    if sc.get(key) != value:
+        errors.append(f"securityContext.{key} != {value}")
+if sc.get("capabilities", {}).get("drop") != ["ALL"] or sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+    errors.append("capabilities.drop != [ALL] or seccompProfile != RuntimeDefault")
+if "limits" not in ctr.get("resources", {}) or "requests" not in ctr.get("resources", {}):
+    errors.append("resources need requests and limits")
+for e in errors:
+    print(f"invariant violated: {e}", file=sys.stderr)
+if errors:
+    sys.exit(1)
+print(f"Job {job['metadata']['name']}: {spec['parallelism']} indexed workers against {target}, results on stdout")
+EOF
+
+step "hadolint deploy/kubernetes/bench/Dockerfile"
+hadolint deploy/kubernetes/bench/Dockerfile
+echo "no findings"
 K8S_DONE=$SECONDS
 
 # ------------------------------------------------------------------------------- systemd

@@ -37,7 +37,7 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
 fi
 PROMTOOL=$(command -v promtool)
 PROMETHEUS=$(command -v prometheus)
-promtool --version 2>&1 | head -n1
+promtool --version 2>&1 | sed -n 1p
 INSTALL_DONE=$SECONDS
 
 # ---------------------------------------------------------------- static checks

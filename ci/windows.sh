@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Windows build of echod, checked on Linux: cross-compiles for x86_64-pc-windows-gnu with
 # Debian's Rust toolchain and mingw-w64, runs the test suite under Wine, then drives the built
-# echod.exe from Linux (ci/windows/smoke.py). Run from the repository root:
+# echod.exe from Linux (ci/windows/smoke.py) and runs it as a service under Wine's service
+# manager (ci/windows/service.py). Run from the repository root:
 #
 #     bash ci/windows.sh
 #
@@ -199,10 +200,30 @@ stage "smoke test of echod.exe under Wine"
 smoke_rc=0
 timeout -k 10 300 python3 ci/windows/smoke.py "$WINE" "$EXE" || smoke_rc=$?
 
+# ---------------------------------------------------------------------------------------------
+stage "echod.exe --service under Wine's service manager"
+# sc create / net start / echo / net stop with a client connected: the stop drains like ctrl-c.
+# On a fresh Wine session: the services.exe that `wineboot --init` started refuses to start a
+# service created after it (OpenService with start rights fails, "Could not get handle to
+# service"); one started by a plain `wineboot` does not. So this prefix's wineserver is ended
+# (the EXIT trap's command), a persistent one started again, and the session booted with its
+# output in a file: the background services it starts hold that output open (a pipe there
+# keeps the next reader waiting for about a minute).
+"$WINESERVER" -k 2>/dev/null || true
+"$WINESERVER" -w 2>/dev/null || true
+"$WINESERVER" -p 2>/dev/null || true
+"$WINE" wineboot >"$CARGO_TARGET_DIR/wineboot-service.log" 2>&1 || {
+    cat "$CARGO_TARGET_DIR/wineboot-service.log" >&2
+    echo "wineboot before the service check failed" >&2
+}
+service_rc=0
+timeout -k 10 300 python3 ci/windows/service.py "$WINE" "$EXE" || service_rc=$?
+
 print_timings
 echo
-if [[ $tests_rc != 0 || $smoke_rc != 0 ]]; then
-    echo "windows: FAILED (tests exit status $tests_rc, smoke test exit status $smoke_rc)"
+if [[ $tests_rc != 0 || $smoke_rc != 0 || $service_rc != 0 ]]; then
+    echo "windows: FAILED (tests exit status $tests_rc, smoke test exit status $smoke_rc," \
+        "service test exit status $service_rc)"
     exit 1
 fi
 echo "windows: OK"

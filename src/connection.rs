@@ -14,9 +14,12 @@
 //!    the current size.
 //!
 //! A copy phase ends early only at a point where doing so loses nothing: when every byte received
-//! has also been sent (and flushed), both copy buffers and the loop are empty. Three things end it
+//! has also been sent (and flushed), both copy buffers and the loop are empty. These end it
 //! there:
 //!
+//! * the moment everything is echoed and nothing waits to be read, for a connection that is not
+//!   in a dialogue (its previous phase went quiet more than a tick ago, or it has none): a client
+//!   that echoes once and falls silent holds its buffers for microseconds, not a second;
 //! * a once-a-tick check that finds no traffic since the previous tick and nothing left to read:
 //!   the buffers are freed, the next phase starts small again, and the connection waits;
 //! * during a drain, the moment the phase has nothing in flight: the connection then closes;
@@ -48,6 +51,11 @@ use crate::echo::ring::Pace;
 use crate::echo::{EchoStream, INITIAL_BUFFER, MAX_BUFFER};
 use crate::metrics::{CloseReason, Published};
 
+/// A connection that talks again within this long of its last phase going quiet is in a
+/// dialogue: its next phase keeps its buffers until a quiet tick rather than freeing them (and
+/// setting them up again) after every message.
+const STICKY_MS: u32 = crate::echo::copy::TICK.as_millis() as u32;
+
 /// During a drain, how long a connection with nothing in flight must have been quiet before it
 /// is closed: long enough not to cut a client between two messages of a dialogue.
 pub(crate) const DRAIN_QUIET: std::time::Duration = crate::echo::copy::TICK;
@@ -59,6 +67,8 @@ pub(crate) struct Extras {
     pub client: Option<SocketAddr>,
     /// The subject of the client's TLS certificate.
     pub client_cert: Option<String>,
+    /// The connection's place in its source's count (per-source limits on).
+    pub source: Option<crate::access::SourceSlot>,
 }
 
 /// One connection's entry in the server's books, from accept to close.
@@ -87,6 +97,11 @@ impl Account {
 
     pub(crate) fn ctx(&self) -> &Arc<ConnContext> {
         &self.ctx
+    }
+
+    /// Milliseconds since the connection was accepted (saturating at `u32::MAX`, about 50 days).
+    pub(crate) fn age_ms(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_millis()).unwrap_or(u32::MAX)
     }
 
     pub(crate) fn peer(&self) -> SocketAddr {
@@ -153,7 +168,11 @@ pin_project! {
         account: Account,
         _permit: OwnedSemaphorePermit,
         // Buffer size of the next copy phase.
-        buffer: usize,
+        buffer: u32,
+        // When the last copy phase went quiet or grew, in milliseconds since the connection
+        // started (0: never): a connection that talks again soon after keeps its next phase's
+        // buffers until a quiet tick; one that does not frees them the moment it is drained.
+        quiet_at_ms: u32,
         #[pin]
         phase: Phase<S, P>,
     }
@@ -187,7 +206,13 @@ impl<S: EchoStream, P: Pace + 'static> Connection<S, P> {
     /// The echo of an accepted client whose stages are done. `permit` is its slot under
     /// `--max-connections`, released when the connection ends.
     pub(crate) fn new(account: Account, permit: OwnedSemaphorePermit, stream: S, pace: P) -> Self {
-        Connection { account, _permit: permit, buffer: INITIAL_BUFFER, phase: Phase::Start { stream, pace } }
+        Connection {
+            account,
+            _permit: permit,
+            buffer: INITIAL_BUFFER as u32,
+            quiet_at_ms: 0,
+            phase: Phase::Start { stream, pace },
+        }
     }
 }
 
@@ -271,13 +296,16 @@ impl<S: EchoStream, P: Pace + 'static> Future for Connection<S, P> {
             this.account.published = outcome.published;
             match outcome.end {
                 PhaseEnd::Grow => {
-                    *this.buffer = (outcome.size * 4).min(MAX_BUFFER);
+                    *this.buffer = (outcome.size * 4).min(MAX_BUFFER) as u32;
+                    // Busy: the bigger phase keeps its buffers until a quiet tick.
+                    *this.quiet_at_ms = this.account.age_ms().max(1);
                     // Straight into the next phase: a TLS stream may hold decrypted bytes that
                     // its socket's readiness would never announce.
                     this.start_copy(outcome.stream, outcome.pace);
                 }
                 PhaseEnd::Quiet => {
-                    *this.buffer = INITIAL_BUFFER;
+                    *this.buffer = INITIAL_BUFFER as u32;
+                    *this.quiet_at_ms = this.account.age_ms().max(1);
                     let ctx = this.account.ctx.clone();
                     this.phase.set(Phase::waiting(outcome.stream, outcome.pace, &ctx, outcome.last_activity));
                 }
@@ -299,8 +327,9 @@ impl<S: EchoStream, P: Pace + 'static> ConnectionProj<'_, S, P> {
             stream,
             pace,
             published: self.account.published,
-            size: *self.buffer,
-            end_when_drained: false,
+            size: *self.buffer as usize,
+            end_when_drained: *self.quiet_at_ms == 0
+                || self.account.age_ms().saturating_sub(*self.quiet_at_ms) > STICKY_MS,
         };
         let copy = copy_phase(start, self.account.ctx.clone());
         self.phase.set(Phase::Copying { copy });
@@ -321,7 +350,7 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
-    use crate::echo::budget::Budget;
+    use crate::budget::Budget;
     use crate::echo::ring::Plain;
     use crate::metrics::{Registry, Sampled, ServerMetrics};
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::echo::budget::Budget;
-use crate::metrics::ServerMetrics;
+use crate::budget::Budget;
+use crate::metrics::{Sampled, ServerMetrics};
 
 /// What every connection task sees.
 pub struct ConnContext {
@@ -89,4 +89,15 @@ impl ServerState {
 pub(crate) struct HttpContext {
     pub conn: Arc<ConnContext>,
     pub state: Arc<ServerState>,
+}
+
+/// `/metrics`: the recorder's metrics and the figures sampled now (`None` with metrics off).
+pub(crate) fn render(conn: &ConnContext, state: &ServerState) -> Option<String> {
+    let sampled = Sampled {
+        buffer_memory: conn.budget.used(),
+        buffer_memory_limit: conn.budget.limit(),
+        copying: conn.budget.copying(),
+        listeners_accepting: state.accepting.load(Relaxed),
+    };
+    conn.metrics.registry().map(|r| r.render(&sampled))
 }

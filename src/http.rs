@@ -104,7 +104,7 @@ async fn respond(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/metrics") => {
-            match crate::server::render(&shared.conn, &shared.state) {
+            match crate::context::render(&shared.conn, &shared.state) {
                 Some(text) => (StatusCode::OK, PROMETHEUS_TEXT, text),
                 None => (StatusCode::NOT_FOUND, TEXT_PLAIN, "metrics are off\n".into()),
             }

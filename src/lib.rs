@@ -7,9 +7,10 @@
 //! * [`server`]: binds, composes the shared [`context`]s, supervises accept loops, drains;
 //! * [`net`]: socket binding and options, and what to do when accept fails;
 //! * [`listener`]: the stream accept loop;
-//! * [`stage`]: what runs before the echo (PROXY header, banner);
+//! * [`stage`]: what runs before the echo (PROXY header, banner); [`access`]: who may connect;
 //! * [`connection`]: one client's echo and its accounting; [`udp`]: the UDP echo;
-//! * [`echo`]: the copy phases, the loop between the copies, faults, the buffer budget;
+//! * [`echo`]: the copy phases, the loop between the copies, faults; [`budget`]: the limit on
+//!   all echo buffers together;
 //! * [`shutdown`]: the platform's stop requests; [`systemd`]: socket activation and notify;
 //! * [`metrics`]: names, recorder, handles; `http`: the /metrics, /healthz, /readyz endpoint;
 //! * [`telemetry`]: logs; [`rlimit`]: the open-files limit; [`memory`]: the binary's allocator,
@@ -20,17 +21,22 @@ use std::net::SocketAddr;
 
 use tracing::{error, info, warn};
 
+pub mod access;
+pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod context;
 pub mod echo;
+pub mod generate;
 mod http;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod net;
+pub mod random;
 pub mod rlimit;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod stage;
 pub mod systemd;
@@ -59,35 +65,7 @@ pub enum Error {
 pub async fn run(config: Config) -> Result<DrainReport, Error> {
     let mut signals = shutdown::Signals::install().map_err(Error::Signals)?;
     let server = Server::bind(&config)?;
-    for spec in server.listeners() {
-        info!(address = %spec.addr, listener = %spec, "listening");
-        if spec.proxy.is_some() && config.proxy_from.is_empty() {
-            warn!(
-                listener = %spec,
-                "PROXY headers are trusted from any peer: anyone who reaches this port can claim any client address (restrict with --proxy-from)"
-            );
-        }
-    }
-    if let Some(addr) = server.metrics_addr() {
-        info!(address = %addr, "serving /metrics, /healthz, /readyz");
-    }
-    let (budget, source) = server.buffer_budget();
-    info!(
-        version = env!("CARGO_PKG_VERSION"),
-        workers = config.worker_threads(),
-        listeners = ?server.local_addrs(),
-        udp_listeners = ?server.udp_addrs(),
-        udp_rate_limit = ?config.udp_rate_limit.0,
-        max_connections = server.max_connections(),
-        max_buffer_memory = %config::values::format_size(budget as u64),
-        max_buffer_memory_from = ?source,
-        idle_timeout = ?config.idle_timeout.0,
-        tcp_keepalive = ?config.tcp_keepalive.0,
-        tcp_user_timeout = ?config.user_timeout(),
-        shutdown_timeout = ?config.shutdown_timeout,
-        metrics = ?server.metrics_addr(),
-        "echod started"
-    );
+    log_start(&config, &server);
     let report = server
         .run(async move {
             let signal = signals.recv().await;
@@ -100,4 +78,52 @@ pub async fn run(config: Config) -> Result<DrainReport, Error> {
         })
         .await;
     Ok(report)
+}
+
+/// The start-up log lines: each listener in `--listen` syntax with its bound address, warnings
+/// about what the flags leave open, and one summary line.
+pub fn log_start(config: &Config, server: &Server) {
+    for spec in server.listeners() {
+        info!(address = %spec.addr, listener = %spec, "listening");
+        if spec.proxy.is_some() && config.proxy_from.is_empty() {
+            warn!(
+                listener = %spec,
+                "PROXY headers are trusted from any peer: anyone who reaches this port can claim any client address (restrict with --proxy-from)"
+            );
+        }
+    }
+    if !config.allow.is_empty() || !config.deny.is_empty() {
+        let list = |c: &[crate::config::Cidr]| c.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+        info!(allow = %list(&config.allow), deny = %list(&config.deny), "access rules");
+        if access::Rules::new(&config.allow, &config.deny).unreachable() {
+            warn!("--allow and --deny leave no client address that may be served");
+        }
+    }
+    if config.max_connections_per_source.is_some() || config.connect_rate_per_source.is_some() {
+        info!(
+            max_connections_per_source = ?config.max_connections_per_source,
+            connect_rate_per_source = ?config.connect_rate_per_source,
+            "per-source limits"
+        );
+    }
+    if let Some(addr) = server.metrics_addr() {
+        info!(address = %addr, "serving /metrics, /healthz, /readyz");
+    }
+    let (budget, source) = server.buffer_budget();
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        workers = config.worker_threads(),
+        listeners = ?server.local_addrs(),
+        udp_listeners = ?server.udp_addrs(),
+        udp_rate_limit = ?config.udp_rate_limit.0,
+        max_connections = server.max_connections(),
+        max_buffer_memory = %crate::config::values::format_size(budget as u64),
+        max_buffer_memory_from = ?source,
+        idle_timeout = ?config.idle_timeout.0,
+        tcp_keepalive = ?config.tcp_keepalive.0,
+        tcp_user_timeout = ?config.user_timeout(),
+        shutdown_timeout = ?config.shutdown_timeout,
+        metrics = ?server.metrics_addr(),
+        "echod started"
+    );
 }

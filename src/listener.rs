@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::access::{Access, RefusalLog};
 use crate::config::{Cidr, ListenSpec};
 use crate::connection::{Account, Connection};
 use crate::context::ConnContext;
 use crate::echo::ring::Plain;
 use crate::metrics::Rejection;
 use crate::net::accept_policy::{self, AcceptPolicy};
-use crate::net::{self, ClientOptions, ACCEPTED_SOCKETS_INHERIT_OPTIONS};
+use crate::net::{self, ClientOptions, Keepalive, ACCEPTED_SOCKETS_INHERIT_OPTIONS};
 use crate::stage::{self, Stack};
 
 /// One bound stream listener and what its connections get.
@@ -44,6 +45,8 @@ pub(crate) struct StreamListener {
 /// What every accept loop shares.
 pub(crate) struct AcceptContext {
     pub conn: Arc<ConnContext>,
+    /// Access control; `None` when nothing is restricted.
+    pub access: Option<Arc<Access>>,
     pub limit: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub options: ClientOptions,
@@ -111,8 +114,20 @@ pub(crate) async fn accept_loop(
         #[cfg(test)]
         tests::maybe_panic(listener.local_addr());
         if !listener.proxy_from.is_empty() && !listener.proxy_from.iter().any(|net| net.contains(peer.ip())) {
-            refuse(&stream, peer, &listener, &accept.conn, Rejection::UntrustedProxy);
+            refuse(&stream, peer, &listener, &accept, Rejection::UntrustedProxy);
             continue;
+        }
+        // The peer is the client unless a PROXY header says otherwise: then the check waits for
+        // the header, on the connection's task.
+        let mut source = None;
+        if let (Some(access), None) = (&accept.access, listener.spec.proxy) {
+            match access.admit(peer.ip()) {
+                Ok(slot) => source = slot,
+                Err(why) => {
+                    refuse(&stream, peer, &listener, &accept, why);
+                    continue;
+                }
+            }
         }
         // The slot is taken after the accept: at the limit, this one client waits for a free
         // slot and the loop stops polling accept meanwhile (no listener holds a slot idle).
@@ -128,21 +143,33 @@ pub(crate) async fn accept_loop(
             },
         };
         listener.accepted.increment(1);
-        if !listener.inherited {
-            if let Err(err) = accept.options.apply(SockRef::from(&stream)) {
-                warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");
-            }
+        let set = if listener.inherited {
+            accept
+                .options
+                .spread_idle()
+                .map_or(Ok(()), |idle| ClientOptions::set_idle(SockRef::from(&stream), idle))
+        } else {
+            let options = ClientOptions {
+                keepalive: accept
+                    .options
+                    .keepalive
+                    .map(|k| Keepalive { idle: accept.options.spread_idle().unwrap_or(k.idle), ..k }),
+                ..accept.options
+            };
+            options.apply(SockRef::from(&stream))
+        };
+        if let Err(err) = set {
+            warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");
         }
         debug!(%peer, listener = %listener.spec, "connection accepted");
-        match &listener.stack {
-            None => {
-                let account = Account::open(accept.conn.clone(), peer);
-                accept.tracker.spawn(Connection::new(account, permit, stream, Plain));
-            }
-            Some(stack) => {
-                accept.tracker.spawn(stage::serve(stack.clone(), stream, peer, permit, accept.conn.clone()));
-            }
+        let mut account = Account::open(accept.conn.clone(), peer);
+        if source.is_some() {
+            account.extras().source = source;
         }
+        match &listener.stack {
+            None => accept.tracker.spawn(Connection::new(account, permit, stream, Plain)),
+            Some(stack) => accept.tracker.spawn(stage::serve(stack.clone(), stream, account, permit)),
+        };
     }
     debug!(listener = %listener.spec, "accept loop stopped");
 }
@@ -153,15 +180,22 @@ fn refuse(
     stream: &TcpStream,
     peer: SocketAddr,
     listener: &StreamListener,
-    ctx: &ConnContext,
+    accept: &AcceptContext,
     why: Rejection,
 ) {
     if let Err(err) = net::reset_on_close(stream) {
         debug!(%peer, error = %err, "could not set SO_LINGER for the refusal");
     }
-    ctx.metrics.rejected(why);
+    accept.conn.metrics.rejected(why);
     debug!(%peer, listener = %listener.spec, reason = why.as_str(), "connection refused");
+    match &accept.access {
+        Some(access) => access.log_refusal(why, peer),
+        None => UNTRUSTED_PROXIES.note(why, peer),
+    }
 }
+
+/// The refusal log of a server without access rules (`--proxy-from` alone).
+static UNTRUSTED_PROXIES: std::sync::LazyLock<RefusalLog> = std::sync::LazyLock::new(RefusalLog::default);
 
 #[cfg(test)]
 pub(crate) mod tests {

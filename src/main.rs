@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{CommandFactory, Parser};
 use echod::{telemetry, Config};
 
 /// jemalloc on Linux: idle connections then cost under 1 KiB of RSS each (see `echod::memory`).
@@ -17,7 +18,18 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static JEMALLOC_OPTIONS: &[u8; echod::memory::JEMALLOC_OPTIONS.len()] = echod::memory::JEMALLOC_OPTIONS;
 
 fn main() -> ExitCode {
-    let config = Config::parse_checked();
+    // A process the Windows service manager starts: it runs the service (src/service.rs).
+    #[cfg(windows)]
+    if let Some(args) = echod::service::requested(std::env::args_os()) {
+        return echod::service::run(args);
+    }
+    let config = Config::parse();
+    if let Some(kind) = config.generate {
+        return echod::generate::print(kind, Config::command());
+    }
+    if let Err(err) = config.check() {
+        err.exit();
+    }
     telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads())

@@ -239,15 +239,6 @@ pub struct UdpTally {
     pub dropped: [u64; UdpDrop::ALL.len()],
 }
 
-impl UdpTally {
-    /// Adds what a batch's send did: replies sent, and those that could not be (`send_error`).
-    pub fn sent(&mut self, sent: &crate::udp::socket::Sent) {
-        self.sent += sent.datagrams;
-        self.bytes_sent += sent.bytes;
-        self.dropped[UdpDrop::SendError as usize] += sent.failed;
-    }
-}
-
 /// Figures sampled when `/metrics` is rendered (not kept in the recorder: read where they live).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sampled {

@@ -41,12 +41,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::access::{Access, Rules, SourceLimitSpec};
+use crate::budget::{self, Budget, LimitSource};
 use crate::config::{BufferMemory, Config, ListenSpec};
 use crate::context::{ConnContext, HttpContext, ServerState};
-use crate::echo::budget::{self, Budget, LimitSource};
 use crate::echo::INITIAL_BUFFER;
 use crate::listener::{self, AcceptContext, StreamListener};
-use crate::metrics::{Registry, Sampled, ServerMetrics};
+use crate::metrics::{Registry, ServerMetrics};
 use crate::net::{ClientOptions, Keepalive};
 use crate::stage::banner::{self, Banner};
 use crate::stage::{ProxyStage, Stack};
@@ -138,19 +139,8 @@ impl ServerHandle {
 
     /// The Prometheus text exposition, as `/metrics` serves it (`None` with metrics off).
     pub fn render_metrics(&self) -> Option<String> {
-        render(&self.conn, &self.state)
+        crate::context::render(&self.conn, &self.state)
     }
-}
-
-/// `/metrics`: the recorder's metrics and the figures sampled now.
-pub(crate) fn render(conn: &ConnContext, state: &ServerState) -> Option<String> {
-    let sampled = Sampled {
-        buffer_memory: conn.budget.used(),
-        buffer_memory_limit: conn.budget.limit(),
-        copying: conn.budget.copying(),
-        listeners_accepting: state.accepting.load(Ordering::Relaxed),
-    };
-    conn.metrics.registry().map(|r| r.render(&sampled))
 }
 
 impl Server {
@@ -189,8 +179,17 @@ impl Server {
             interval: config.tcp_keepalive_interval,
             count: config.tcp_keepalive_count,
         });
+        let access = Access::new(
+            Rules::new(&config.allow, &config.deny),
+            Some(SourceLimitSpec {
+                max_open: config.max_connections_per_source,
+                connects_per_second: config.connect_rate_per_source,
+            }),
+            max_connections,
+        );
         let accept = Arc::new(AcceptContext {
             conn,
+            access: access.clone(),
             limit: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
             tracker: TaskTracker::new(),
             options: ClientOptions { keepalive, user_timeout: config.user_timeout() },
@@ -248,6 +247,7 @@ impl Server {
                     banner: config.banner.as_ref().map(|t| Banner::compile(t, &hostname, &spec.to_string())),
                     faults: spec.faults.shapes_echo().then_some(spec.faults),
                     reset_probability: spec.faults.reset_probability.filter(|&p| p > 0.0),
+                    access: spec.proxy.and(access.clone()),
                 };
                 let stack = (!stack.is_empty()).then(|| Arc::new(stack));
                 let proxy_from = if spec.proxy.is_some() { config.proxy_from.clone() } else { Vec::new() };

@@ -15,8 +15,19 @@ use std::time::{Duration, Instant};
 use common::{run_to_exit, TIMEOUT};
 
 /// Every flag `--help` must document.
-const FLAGS: [&str; 10] = [
+const FLAGS: [&str; 21] = [
     "--listen",
+    "--allow",
+    "--deny",
+    "--max-connections-per-source",
+    "--connect-rate-per-source",
+    "--max-buffer-memory",
+    "--tcp-keepalive-interval",
+    "--tcp-keepalive-count",
+    "--tcp-user-timeout",
+    "--proxy-header-timeout",
+    "--proxy-from",
+    "--banner",
     "--workers",
     "--max-connections",
     "--idle-timeout",
@@ -29,8 +40,19 @@ const FLAGS: [&str; 10] = [
 ];
 
 /// Every environment variable `--help` must document.
-const ENV_VARS: [&str; 10] = [
+const ENV_VARS: [&str; 21] = [
     "ECHOD_LISTEN",
+    "ECHOD_ALLOW",
+    "ECHOD_DENY",
+    "ECHOD_MAX_CONNECTIONS_PER_SOURCE",
+    "ECHOD_CONNECT_RATE_PER_SOURCE",
+    "ECHOD_MAX_BUFFER_MEMORY",
+    "ECHOD_TCP_KEEPALIVE_INTERVAL",
+    "ECHOD_TCP_KEEPALIVE_COUNT",
+    "ECHOD_TCP_USER_TIMEOUT",
+    "ECHOD_PROXY_HEADER_TIMEOUT",
+    "ECHOD_PROXY_FROM",
+    "ECHOD_BANNER",
     "ECHOD_WORKERS",
     "ECHOD_MAX_CONNECTIONS",
     "ECHOD_IDLE_TIMEOUT",
@@ -85,6 +107,57 @@ fn malformed_duration_is_a_usage_error() {
 #[test]
 fn malformed_listen_address_is_a_usage_error() {
     expect_usage_error(&["--listen", "nonsense"], &[], &["--listen", "nonsense"]);
+}
+
+#[test]
+fn bad_listen_specs_name_the_flag_and_the_offending_part() {
+    for (spec, part) in [
+        ("http://127.0.0.1:80", "http://"),
+        ("tcp://127.0.0.1:0?colour=red", "colour"),
+        ("tcp://127.0.0.1:0?proxy=v9", "proxy=v9"),
+        ("tcp://127.0.0.1:0?delay=-1s", "delay=-1s"),
+        ("tcp://127.0.0.1:0?rate=fast", "rate=fast"),
+        ("tcp://127.0.0.1:0?reset_probability=2", "reset_probability=2"),
+        ("tcp://127.0.0.1:0?close_after=9-1", "close_after=9-1"),
+        ("tcp://localhost:80", "localhost:80"),
+    ] {
+        expect_usage_error(&["--listen", spec], &[], &["--listen", part]);
+    }
+    expect_usage_error(
+        &[],
+        &[("ECHOD_LISTEN", "127.0.0.1:0,tcp://127.0.0.1:0?bogus=1")],
+        &["--listen", "bogus"],
+    );
+}
+
+#[test]
+fn bad_banners_proxy_sources_and_ranges_name_the_flag() {
+    expect_usage_error(&["--banner", "{who}"], &[], &["--banner", "{who}"]);
+    expect_usage_error(
+        &["--listen", "127.0.0.1:0?proxy=v1", "--proxy-from", "10.0.0.0/99"],
+        &[],
+        &["--proxy-from"],
+    );
+    expect_usage_error(&["--proxy-from", "10.0.0.0/8"], &[], &["--proxy-from", "proxy="]);
+    expect_usage_error(&["--allow", "10.0.0.0/33"], &[], &["--allow", "10.0.0.0/33"]);
+    expect_usage_error(&["--deny", "somewhere"], &[], &["--deny", "somewhere"]);
+    expect_usage_error(&[], &[("ECHOD_DENY", "10.0.0.0/8,bogus")], &["--deny", "bogus"]);
+    expect_usage_error(&["--max-connections-per-source", "0"], &[], &["--max-connections-per-source"]);
+    expect_usage_error(&["--connect-rate-per-source", "-3"], &[], &["--connect-rate-per-source", "-3"]);
+    for (flag, value) in [
+        ("--shutdown-timeout", "-5s"),
+        ("--shutdown-delay", "-1s"),
+        ("--idle-timeout", "-3m"),
+        ("--tcp-keepalive", "10h"),
+        ("--tcp-keepalive-interval", "0s"),
+        ("--tcp-keepalive-count", "1000"),
+        ("--tcp-user-timeout", "-1s"),
+        ("--proxy-header-timeout", "-2s"),
+        ("--max-buffer-memory", "-64MiB"),
+        ("--max-buffer-memory", "12 parsecs"),
+    ] {
+        expect_usage_error(&[flag, value], &[], &[flag, value]);
+    }
 }
 
 #[test]

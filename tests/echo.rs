@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::time::Duration;
 
 use common::{echo, pattern, read_to_eof, scale, set_reset_on_close, TestServer, TIMEOUT};
 use rand::{Rng, SeedableRng};
@@ -167,12 +166,40 @@ async fn connection_echoes_across_idle_periods_and_buffer_growth() {
     let server = TestServer::start(&[]).await;
     let mut stream = server.connect().await;
     assert_eq!(echo(&mut stream, b"x").await, b"x");
-    // Long enough for the connection to go quiet and free its buffers (one tick is 1 s).
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // The connection goes quiet and frees its buffers (on its quiet tick): observed, not slept on.
+    common::eventually("the idle connection frees its buffers", || {
+        server.handle.copying_connections() == 0 && server.handle.buffer_memory().0 == 0
+    })
+    .await;
     let bulk = pattern(scale(4 << 20, 1 << 20), 3);
     assert!(echo(&mut stream, &bulk).await == bulk);
     assert_eq!(echo(&mut stream, b"small again").await, b"small again");
+    // Quiet again: the grown buffers are returned as well.
+    common::eventually("the grown buffers are freed", || server.handle.buffer_memory().0 == 0).await;
     stream.shutdown().await.unwrap();
     assert!(read_to_eof(&mut stream).await.is_empty());
+    server.shutdown().await;
+}
+
+/// A connection that echoes once and falls silent frees its buffers as soon as everything is
+/// echoed, not a quiet tick (1 s) later: a burst of one-shot clients costs no more than its tasks.
+/// One that keeps talking keeps its buffers between messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_echo_frees_its_buffers_at_once_a_dialogue_keeps_them() {
+    let server = TestServer::start(&[]).await;
+    let mut once = server.connect().await;
+    let started = std::time::Instant::now();
+    assert_eq!(echo(&mut once, b"just once").await, b"just once");
+    common::eventually("the buffers freed", || server.handle.copying_connections() == 0).await;
+    let freed = started.elapsed();
+    assert!(freed < std::time::Duration::from_millis(900), "freed only after {freed:?}: a tick later");
+
+    // A dialogue: after its first message the connection keeps its phase between messages.
+    let mut talker = server.connect().await;
+    for i in 0..20u8 {
+        assert_eq!(echo(&mut talker, &[i; 100]).await, [i; 100]);
+    }
+    assert_eq!(server.handle.copying_connections(), 1, "a talking connection keeps its buffers");
+    drop((once, talker));
     server.shutdown().await;
 }

@@ -885,6 +885,10 @@ fn echod_bench_udp_usage_errors_exit_2() {
         &["udp", "--size", "70000"],
         &["udp", "-k", "0"],
         &["udp", "--max-loss", "2"],
+        // The stream modes' extras are refused, not ignored.
+        &["udp", "--warmup", "1s"],
+        &["udp", "--tls"],
+        &["udp", "--proxy-protocol", "v1"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
             .arg("--target")
@@ -893,7 +897,11 @@ fn echod_bench_udp_usage_errors_exit_2() {
             .stdin(Stdio::null())
             .output()
             .expect("run echod-bench");
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        if let Some(flag) = args.get(1).filter(|a| ["--warmup", "--tls", "--proxy-protocol"].contains(a)) {
+            assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        }
     }
 }
 

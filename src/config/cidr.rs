@@ -14,9 +14,9 @@ pub struct Cidr(pub IpNet);
 
 impl Cidr {
     /// Whether `ip` lies inside this prefix. IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`)
-    /// match IPv4 prefixes.
+    /// match IPv4 prefixes (and IPv6 prefixes that cover them).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.0.contains(&ip.to_canonical())
+        self.0.contains(&ip) || self.0.contains(&ip.to_canonical())
     }
 }
 

@@ -16,6 +16,8 @@
 pub mod banner;
 pub mod cidr;
 pub mod listen_spec;
+#[cfg(test)]
+mod proptests;
 pub mod values;
 
 use std::num::NonZeroUsize;
@@ -125,7 +127,8 @@ pub struct Config {
     /// (`TCP_USER_TIMEOUT`, Linux): what frees a peer that vanished with data in flight, which
     /// keepalive (it only probes idle connections) never finds.
     ///
-    /// `auto`: the keepalive time plus interval × count, so both cases are freed in the same
+    /// `auto`: the keepalive's own detection time, idle + interval × (count + 1) (each
+    /// connection's idle time is spread over one interval), so both cases are freed in the same
     /// bound; `off` leaves the kernel's retransmission limit (about 15 minutes).
     #[arg(long, value_name = "DURATION|auto|off", env = "ECHOD_TCP_USER_TIMEOUT", default_value = "auto",
           allow_hyphen_values = true, value_parser = parse_user_timeout)]
@@ -163,6 +166,28 @@ pub struct Config {
     #[arg(long, value_name = "CIDR", env = "ECHOD_PROXY_FROM", value_delimiter = ',')]
     pub proxy_from: Vec<Cidr>,
 
+    /// Serve only clients inside these prefixes (`10.0.0.0/8`, `2001:db8::/32`, a bare address
+    /// for one host); repeatable, comma-separated in the environment. The client is the PROXY
+    /// header's on PROXY listeners, else the socket's peer; UDP datagrams by their source.
+    #[arg(long, value_name = "CIDR", env = "ECHOD_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<Cidr>,
+
+    /// Refuse clients inside these prefixes, whatever `--allow` says; repeatable.
+    #[arg(long, value_name = "CIDR", env = "ECHOD_DENY", value_delimiter = ',')]
+    pub deny: Vec<Cidr>,
+
+    /// Most connections open at once from one client address (IPv6: one /64); more are
+    /// refused with a reset [default: no limit].
+    #[arg(long, value_name = "N", env = "ECHOD_MAX_CONNECTIONS_PER_SOURCE", allow_hyphen_values = true,
+          value_parser = |s: &str| values::count_in(s, 1, u64::from(u32::MAX)).map(|n| n as u32))]
+    pub max_connections_per_source: Option<u32>,
+
+    /// Most new connections per second from one client address (IPv6: one /64; a token bucket
+    /// with a burst of as many); more are refused with a reset [default: no limit].
+    #[arg(long, value_name = "PER_SECOND", env = "ECHOD_CONNECT_RATE_PER_SOURCE", allow_hyphen_values = true,
+          value_parser = parse_rate)]
+    pub connect_rate_per_source: Option<f64>,
+
     /// A line sent to every stream client before the echo (after any PROXY header):
     /// placeholders `{hostname}`, `{client}`, `{peer}`, `{server}`, `{listener}`, `{version}`,
     /// `{client_cert}`; `{{` and `}}` for braces. Tells a tester which backend answered and
@@ -193,6 +218,11 @@ pub struct Config {
     #[arg(long, value_name = "FORMAT", env = "ECHOD_LOG_FORMAT", value_enum,
           default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Write the man page (`man`) or a shell completion script (`complete-bash`, `complete-zsh`,
+    /// `complete-fish`, `complete-powershell`) to stdout and exit, without serving.
+    #[arg(long, value_name = "KIND", value_enum)]
+    pub generate: Option<crate::generate::Generate>,
 }
 
 /// How log lines are written.
@@ -245,6 +275,14 @@ fn parse_udp_rate_limit(s: &str) -> Result<UdpRateLimit, String> {
         return Ok(UdpRateLimit(None));
     }
     values::count_in(s, 1, MAX_UDP_RATE_LIMIT).map(|n| UdpRateLimit(Some(n as u32)))
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(r.is_finite() && (0.001..=1e9).contains(&r)) {
+        return Err(format!("`{s}` must be between 0.001 and 1000000000"));
+    }
+    Ok(r)
 }
 
 fn parse_keepalive(s: &str) -> Result<OptionalDuration, String> {
@@ -314,15 +352,16 @@ impl Config {
     }
 
     /// The `TCP_USER_TIMEOUT` in force: `auto` is the keepalive's whole detection time
-    /// (idle + interval × count), so a vanished peer is freed in the same bound whether or not
-    /// data was in flight; with keepalive off, `auto` is off too.
+    /// (idle + interval × (count + 1)), so a vanished peer is freed in the same bound whether or
+    /// not data was in flight; with keepalive off, `auto` is off too.
     pub fn user_timeout(&self) -> Option<Duration> {
         match self.tcp_user_timeout {
             UserTimeout::Off => None,
             UserTimeout::Fixed(d) => Some(d),
-            UserTimeout::Auto => {
-                self.tcp_keepalive.0.map(|idle| idle + self.tcp_keepalive_interval * self.tcp_keepalive_count)
-            }
+            UserTimeout::Auto => self
+                .tcp_keepalive
+                .0
+                .map(|idle| idle + self.tcp_keepalive_interval * (self.tcp_keepalive_count + 1)),
         }
     }
 }
@@ -350,7 +389,7 @@ mod tests {
         assert_eq!(c.tcp_keepalive, OptionalDuration(Some(Duration::from_secs(60))));
         assert_eq!(c.tcp_keepalive_interval, Duration::from_secs(10));
         assert_eq!(c.tcp_keepalive_count, 3);
-        assert_eq!(c.user_timeout(), Some(Duration::from_secs(90)));
+        assert_eq!(c.user_timeout(), Some(Duration::from_secs(100)));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(c.shutdown_delay, Duration::ZERO);
         assert_eq!(c.proxy_header_timeout, Duration::from_secs(5));
@@ -444,6 +483,24 @@ mod tests {
         assert_eq!(c.proxy_from.len(), 2);
         assert!(error(&["--listen", "127.0.0.1:0?proxy=v1", "--proxy-from", "10.0.0.0/40"])
             .contains("--proxy-from"));
+    }
+
+    #[test]
+    fn access_flags() {
+        let c = parse(&[
+            "--allow",
+            "10.0.0.0/8,127.0.0.1",
+            "--deny",
+            "10.9.0.0/16",
+            "--max-connections-per-source",
+            "4",
+        ]);
+        assert_eq!((c.allow.len(), c.deny.len(), c.max_connections_per_source), (2, 1, Some(4)));
+        assert!(error(&["--allow", "10.0.0.0/40"]).contains("--allow"));
+        assert!(error(&["--deny", "nope"]).contains("--deny"));
+        assert!(error(&["--max-connections-per-source", "0"]).contains("--max-connections-per-source"));
+        assert!(error(&["--connect-rate-per-source", "-1"]).contains("--connect-rate-per-source"));
+        assert_eq!(parse(&["--connect-rate-per-source", "2.5"]).connect_rate_per_source, Some(2.5));
     }
 
     #[test]

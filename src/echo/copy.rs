@@ -12,10 +12,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::budget::Budget;
 use super::ring::{Loop, Pace};
 use super::traffic::Traffic;
 use super::{EchoStream, MAX_BUFFER};
+use crate::budget::Budget;
 use crate::context::ConnContext;
 use crate::metrics::{CloseReason, Published};
 
@@ -195,7 +195,7 @@ impl<'a> Watch<'a> {
             if faulty && traffic.sent.load(Relaxed) >= traffic.reset_at.load(Relaxed) && traffic.flushed() {
                 return end!(PhaseEnd::InjectedReset);
             }
-            if end_when_drained && traffic.drained() {
+            if end_when_drained && traffic.echoed_and_drained() {
                 return end!(PhaseEnd::Quiet);
             }
             if armed && !ticker.is_elapsed() {
@@ -277,11 +277,13 @@ impl<S: EchoStream> AsyncRead for Metered<'_, S> {
         let before = buf.filled().len();
         match Pin::new(&mut *self.stream).poll_read(cx, buf) {
             Poll::Pending => {
-                traffic.read_pending.store(true, Relaxed);
+                if traffic.reading.load(Relaxed) == Traffic::DATA {
+                    traffic.reading.store(Traffic::DRAINED, Relaxed);
+                }
                 Poll::Pending
             }
             Poll::Ready(Ok(())) => {
-                traffic.read_pending.store(false, Relaxed);
+                traffic.reading.store(Traffic::DATA, Relaxed);
                 let n = buf.filled().len() - before;
                 if n == 0 {
                     traffic.eof.store(true, Relaxed);
@@ -294,7 +296,7 @@ impl<S: EchoStream> AsyncRead for Metered<'_, S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(err)) if S::is_end_of_stream(&err) => {
-                traffic.read_pending.store(false, Relaxed);
+                traffic.reading.store(Traffic::DATA, Relaxed);
                 traffic.eof.store(true, Relaxed);
                 Poll::Ready(Ok(()))
             }

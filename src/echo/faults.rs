@@ -18,7 +18,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Context;
@@ -30,17 +29,9 @@ use super::ring::{Pace, PaceEnd};
 use super::traffic::Traffic;
 use crate::config::{ByteCount, FaultSpec};
 use crate::metrics::CloseReason;
-
-/// A uniformly distributed 64-bit number, fresh per call (std's randomly keyed hasher: no
-/// dependency, and faults need no cryptographic quality).
-pub(crate) fn random_u64() -> u64 {
-    std::hash::RandomState::new().build_hasher().finish()
-}
-
-/// `true` with probability `p`.
-pub(crate) fn chance(p: f64) -> bool {
-    p > 0.0 && (p >= 1.0 || ((random_u64() >> 11) as f64 / (1u64 << 53) as f64) < p)
-}
+#[cfg(test)]
+use crate::random::chance;
+use crate::random::random_u64;
 
 /// A point drawn uniformly from `range`.
 fn draw(range: ByteCount) -> u64 {

@@ -5,7 +5,6 @@
 //!   faults hold bytes back;
 //! * [`copy`]: one copy phase (the copy, its metered view of the client, the tick);
 //! * [`faults`]: the paces that inject delay, rate limits, stalls, closes and resets;
-//! * [`budget`]: the process-wide limit on echo buffer memory;
 //! * [`traffic`]: the counts and flags one phase's parts share.
 //!
 //! What the loop makes fall out of the copy for free:
@@ -18,7 +17,6 @@
 //!   reads fills its receive window, our writes stall, the loop fills, the copy stops reading, and
 //!   the client's own send window closes. Memory per connection stays bounded.
 
-pub mod budget;
 pub(crate) mod copy;
 pub(crate) mod faults;
 pub(crate) mod ring;
@@ -30,8 +28,10 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-/// Buffer size a connection starts with: one page, enough for typical request/response sizes.
-pub const INITIAL_BUFFER: usize = 4 * 1024;
+/// Buffer size a connection starts with (and returns to when it goes quiet): enough for typical
+/// request/response sizes, and small, because every copying connection may always hold three of
+/// them whatever the buffer budget (see [`crate::budget`]). Bulk traffic grows it (×4 per full read).
+pub const INITIAL_BUFFER: usize = 1024;
 
 /// Largest buffer a connection grows to. Large reads and writes cut syscalls per MiB for bulk
 /// streams; the loop and two copy buffers bound a connection's echo memory at three times this.

@@ -5,7 +5,7 @@
 //! loads and stores, no read-modify-write. (They are atomics rather than `Cell`s because the
 //! phase's future must be `Send`, and its parts hold `&Traffic`.)
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use crate::metrics::Published;
 
@@ -16,8 +16,9 @@ pub(crate) struct Traffic {
     pub eof: AtomicBool,
     /// A read filled the whole buffer: grow at the next balanced point.
     pub grow: AtomicBool,
-    /// The last read of the client socket returned `Pending`: nothing more is waiting in it.
-    pub read_pending: AtomicBool,
+    /// What the last read of the client stream returned: [`Traffic::NOTHING_YET`],
+    /// [`Traffic::DATA`] or [`Traffic::DRAINED`].
+    pub reading: AtomicU8,
     /// Bytes written to a stream that buffers writes (TLS) and not yet flushed.
     pub unflushed: AtomicBool,
     /// The loop's reader last returned `Pending` (see `ring`).
@@ -33,6 +34,13 @@ pub(crate) struct Traffic {
 }
 
 impl Traffic {
+    /// The reads of this phase have found nothing yet (pending, or not polled).
+    pub const NOTHING_YET: u8 = 0;
+    /// The last read returned data (or the end of the stream).
+    pub const DATA: u8 = 1;
+    /// The last read was pending, after this phase had read data.
+    pub const DRAINED: u8 = 2;
+
     /// Counts continuing from the connection's totals so far.
     pub fn new(totals: Published) -> Traffic {
         Traffic {
@@ -40,7 +48,7 @@ impl Traffic {
             sent: AtomicU64::new(totals.sent),
             eof: AtomicBool::new(false),
             grow: AtomicBool::new(false),
-            read_pending: AtomicBool::new(false),
+            reading: AtomicU8::new(Traffic::NOTHING_YET),
             unflushed: AtomicBool::new(false),
             reader_parked: AtomicBool::new(false),
             reader_wanted: AtomicBool::new(false),
@@ -73,7 +81,13 @@ impl Traffic {
     /// Balanced, and the client has nothing more waiting to be read: the phase has done all there
     /// is to do for now.
     pub fn drained(&self) -> bool {
-        self.read_pending.load(Relaxed) && !self.eof.load(Relaxed) && self.balanced()
+        self.reading.load(Relaxed) != Traffic::DATA && !self.eof.load(Relaxed) && self.balanced()
+    }
+
+    /// Drained after echoing something in this phase (a phase started by a stale readiness has
+    /// echoed nothing yet, and is not done).
+    pub fn echoed_and_drained(&self) -> bool {
+        self.reading.load(Relaxed) == Traffic::DRAINED && !self.eof.load(Relaxed) && self.balanced()
     }
 
     /// One end of the loop unblocked the other: the copy must be polled again.

@@ -37,9 +37,11 @@ pub struct Keepalive {
 }
 
 impl Keepalive {
-    /// How long after its last sign of life an idle peer that vanished is found.
+    /// How long after its last sign of life an idle peer that vanished is found, at most: the
+    /// idle time, the spread of up to one interval ([`ClientOptions::spread_idle`]), then
+    /// `count` unanswered probes an interval apart.
     pub fn detection_time(&self) -> Duration {
-        self.idle + self.interval * self.count
+        self.idle + self.interval * (self.count + 1)
     }
 }
 
@@ -53,6 +55,46 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
+    /// The keepalive idle time for one connection: the configured one plus a random part of one
+    /// probe interval (whole seconds). Connections accepted together go idle together; without the
+    /// spread their probes leave in bursts, and a burst lost at a full queue (loopback drops
+    /// beyond its 1,000-packet backlog) aborts healthy connections. Seen: 9,000 of 18,000 idle
+    /// connections lost at once.
+    pub fn spread_idle(&self) -> Option<Duration> {
+        self.keepalive.map(|k| {
+            let spread = k.interval.as_secs().max(1);
+            k.idle + Duration::from_secs(crate::random::random_u64() % spread)
+        })
+    }
+
+    /// Sets one accepted socket's keepalive idle time to `idle` (its other options are inherited
+    /// from the listener, or were set by [`ClientOptions::apply`]).
+    pub fn set_idle(socket: SockRef<'_>, idle: Duration) -> io::Result<()> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            use std::os::fd::AsRawFd;
+            let secs = libc::c_int::try_from(idle.as_secs()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: setsockopt reads one c_int from a pointer to a live c_int.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_KEEPIDLE,
+                    (&secs as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))
+        }
+    }
+
     /// Applies the options: `TCP_NODELAY`, because an echo is latency-bound and Nagle's
     /// algorithm would hold small replies back; keepalive, so a vanished idle peer is found;
     /// the user timeout, so a vanished peer with data in flight is found too.
@@ -167,7 +209,14 @@ mod tests {
             assert_eq!(socket.tcp_keepalive_retries().unwrap(), keepalive.count);
             assert_eq!(socket.tcp_user_timeout().unwrap(), Some(Duration::from_secs(105)));
         }
-        assert_eq!(keepalive.detection_time(), Duration::from_secs(105));
+        assert_eq!(keepalive.detection_time(), Duration::from_secs(112));
+        for _ in 0..100 {
+            let idle = options.spread_idle().unwrap();
+            assert!(idle >= keepalive.idle && idle < keepalive.idle + keepalive.interval, "{idle:?}");
+        }
+        ClientOptions::set_idle(SockRef::from(&stream), Duration::from_secs(80)).unwrap();
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(80));
     }
 
     #[cfg(target_os = "linux")]

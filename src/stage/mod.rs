@@ -9,7 +9,6 @@
 pub mod banner;
 pub mod proxy;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,14 +17,15 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
+use crate::access::Access;
 use crate::config::{FaultSpec, ProxyVersion};
 use crate::connection::{Account, Connection};
-use crate::context::ConnContext;
-use crate::echo::faults::{chance, Faults};
+use crate::echo::faults::Faults;
 use crate::echo::ring::{Pace, Plain};
 use crate::echo::EchoStream;
 use crate::metrics::{CloseReason, Stage};
 use crate::net;
+use crate::random::chance;
 use banner::{Banner, BannerFields};
 
 /// The stages of one listener.
@@ -38,6 +38,9 @@ pub(crate) struct Stack {
     pub faults: Option<FaultSpec>,
     /// Each connection is reset at once with this probability.
     pub reset_probability: Option<f64>,
+    /// Access control on the PROXY header's client address (PROXY listeners only: other
+    /// listeners check the peer right after accept).
+    pub access: Option<Arc<Access>>,
 }
 
 /// The PROXY header stage's settings.
@@ -62,11 +65,10 @@ impl Stack {
 pub(crate) async fn serve(
     stack: Arc<Stack>,
     mut stream: TcpStream,
-    peer: SocketAddr,
+    mut account: Account,
     permit: OwnedSemaphorePermit,
-    ctx: Arc<ConnContext>,
 ) {
-    let mut account = Account::open(ctx, peer);
+    let peer = account.peer();
     if stack.reset_probability.is_some_and(chance) {
         if let Err(err) = net::reset_on_close(&stream) {
             debug!(%peer, error = %err, "could not arm the injected reset");
@@ -89,6 +91,21 @@ pub(crate) async fn serve(
         };
         if let Some(client) = header.client.filter(|&c| c != peer) {
             account.extras().client = Some(client);
+        }
+        // Access is decided on the client the header names, not on the proxy.
+        if let Some(access) = &stack.access {
+            let client = account.client();
+            match access.admit(client.ip()) {
+                Ok(slot) => account.extras().source = slot,
+                Err(why) => {
+                    let _ = net::reset_on_close(&stream);
+                    account.ctx().metrics.rejected(why);
+                    access.log_refusal(why, client);
+                    debug!(%peer, %client, listener = %stack.listener, reason = why.as_str(), "connection refused");
+                    account.end(CloseReason::Rejected);
+                    return;
+                }
+            }
         }
     }
     if let Some(banner) = &stack.banner {

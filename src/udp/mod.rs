@@ -269,7 +269,7 @@ async fn run(
                 let mut tally = UdpTally::default();
                 shared.judge(&mut batch, Instant::now(), &mut tally);
                 let sent = batch.send(fd);
-                tally.sent(&sent);
+                sent.add_to(&mut tally);
                 counters.add(&tally);
             }
             _ => {}
@@ -305,7 +305,7 @@ async fn run(
                 let mut tally = UdpTally::default();
                 shared.judge(&mut batch, Instant::now(), &mut tally);
                 let sent = batch.send(&socket);
-                tally.sent(&sent);
+                sent.add_to(&mut tally);
                 counters.add(&tally);
             }
             Err(err) if transient(&err) => {}

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::metrics::{UdpDrop, UdpTally};
+
 /// Datagrams received (and answered) per system call.
 pub const BATCH: usize = 64;
 
@@ -81,6 +83,16 @@ pub struct Sent {
     pub bytes: u64,
     /// Datagrams not sent: the send would have blocked, or failed.
     pub failed: u64,
+}
+
+impl Sent {
+    /// Adds what a batch's send did to its tally: replies sent, and those that could not be
+    /// (`send_error`).
+    pub fn add_to(&self, tally: &mut UdpTally) {
+        tally.sent += self.datagrams;
+        tally.bytes_sent += self.bytes;
+        tally.dropped[UdpDrop::SendError as usize] += self.failed;
+    }
 }
 
 #[cfg(target_os = "linux")]

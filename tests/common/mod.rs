@@ -28,16 +28,21 @@ pub fn scale(n: usize, floor: usize) -> usize {
 /// An in-process echod on 127.0.0.1:0.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Every listener's bound address, in `--listen` order.
+    pub addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub handle: ServerHandle,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<DrainReport>,
 }
 
-/// The loopback configuration with `args` applied as if given on the command line.
+/// The loopback configuration with `args` applied as if given on the command line (one TCP
+/// listener on 127.0.0.1:0 unless `args` has a `--listen` of its own).
 pub fn config(args: &[&str]) -> Config {
-    use clap::Parser;
-    let mut argv = vec!["echod", "--listen", "127.0.0.1:0"];
+    let mut argv = vec!["echod"];
+    if !args.contains(&"--listen") {
+        argv.extend(["--listen", "127.0.0.1:0"]);
+    }
     // Metrics off unless asked for, and a short drain timeout, so a test that forgets a client
     // costs seconds, not the default 25 s.
     for (flag, value) in [("--metrics-listen", "off"), ("--shutdown-timeout", "5s")] {
@@ -46,7 +51,7 @@ pub fn config(args: &[&str]) -> Config {
         }
     }
     argv.extend_from_slice(args);
-    Config::try_parse_from(argv).expect("test arguments parse")
+    Config::try_parse_checked_from(argv).expect("test arguments parse")
 }
 
 impl TestServer {
@@ -56,14 +61,15 @@ impl TestServer {
 
     pub async fn start_with(config: Config) -> TestServer {
         let server = Server::bind(&config).expect("bind on loopback");
-        let addr = server.local_addrs()[0];
+        let addrs = server.local_addrs();
+        let addr = addrs[0];
         let metrics_addr = server.metrics_addr();
         let handle = server.handle();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
-        TestServer { addr, metrics_addr, handle, stop: Some(stop), task }
+        TestServer { addr, addrs, metrics_addr, handle, stop: Some(stop), task }
     }
 
     /// Starts the drain (as a signal would) without waiting for it.
@@ -92,6 +98,70 @@ impl TestServer {
     pub fn metrics(&self) -> String {
         self.handle.render_metrics().expect("metrics are on")
     }
+}
+
+/// Connects from a chosen loopback source address (127.0.0.2, 127.0.0.3, ...): how tests make
+/// clients that differ by address.
+pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{source}:0").parse().expect("source address")).expect("bind the source address");
+    tokio::time::timeout(TIMEOUT, socket.connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect succeeds")
+}
+
+/// Whether a connection from `source` is refused: reset (at connect, on loopback the reset can
+/// beat the connect's own completion, or at the first read) with nothing echoed.
+pub async fn refused_from(source: &str, addr: SocketAddr, send: &[u8]) -> bool {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{source}:0").parse().expect("source address")).expect("bind the source address");
+    let mut stream = match tokio::time::timeout(TIMEOUT, socket.connect(addr)).await.expect("connect in time")
+    {
+        Ok(stream) => stream,
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return true,
+        Err(err) => panic!("connect from {source}: {err}"),
+    };
+    let _ = stream.write_all(send).await;
+    let (back, reset) = outcome(&mut stream).await;
+    back.is_empty() && reset
+}
+
+/// Reads one line (up to and including `\n`, at most 4 KiB), bounded in time.
+pub async fn read_line(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(TIMEOUT, async {
+        while line.len() < 4096 {
+            stream.read_exact(&mut byte).await.expect("a line");
+            line.push(byte[0]);
+            if byte[0] == b'\n' {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("line in time");
+    String::from_utf8(line).expect("UTF-8 line")
+}
+
+/// What the server does with a connection after the client sent something: the bytes that came
+/// back before the connection ended, and whether it ended with a reset.
+pub async fn outcome(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let reset = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .expect("the connection ends in time");
+    (got, reset)
 }
 
 pub async fn connect(addr: SocketAddr) -> TcpStream {

@@ -1,5 +1,6 @@
 //! `churn`: connect, send one message, take its echo back, close with a RST; repeat, at a
-//! bounded rate.
+//! bounded rate. `handshake` is the same with TLS, timed to the end of the handshake: full
+//! handshakes per second and their latency (session resumption is off).
 //!
 //! The rate bound protects the host: every loopback connection takes an entry in the kernel's
 //! connection-tracking table (10 s after a RST, 120 s after a normal close), and when the table
@@ -10,23 +11,36 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
-use crate::net::{check_conntrack, close_with_reset, Connector};
+use crate::conn::{close_with_reset, exchange};
+use crate::net::{check_conntrack, Connector};
 use crate::pattern::Pattern;
 use crate::pingpong::verify;
-use crate::run::{pace, timed, Run};
+use crate::run::{pace, slots_before, timed, Run};
 use crate::stats::{ErrorKind, Failure, Stats};
 
-pub async fn run(run: &Run, size: usize, rate: f64, conntrack_limit: f64) -> Duration {
+/// What a connection's latency runs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The echo is back (churn).
+    Echo,
+    /// The TLS handshake is done (handshake).
+    Handshake,
+}
+
+pub async fn run(run: &Run, size: usize, rate: f64, conntrack_limit: f64, until: Until) -> Duration {
     if let Err(e) = check_conntrack(conntrack_limit) {
         run.stats.fail(Failure::new(ErrorKind::Limit, e));
         return Duration::ZERO;
     }
-    let (start, deadline) = run.begin_measure();
+    let window = run.begin(Instant::now());
+    let (start, deadline) = (window.traffic, window.deadline);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    // Connections due in the warm-up come first and do not count against --count.
+    let warm = slots_before(start, interval, window.start);
     let tickets = Arc::new(AtomicU64::new(0));
-    let total = run.count;
+    let total = run.count.map(|n| n + warm);
 
     // Watch the connection-tracking table while connections churn.
     let stats = run.stats.clone();
@@ -51,17 +65,16 @@ pub async fn run(run: &Run, size: usize, rate: f64, conntrack_limit: f64) -> Dur
             total,
             start,
             deadline,
-            interval: Duration::from_secs_f64(1.0 / rate),
+            interval,
             size,
             timeout: run.timeout,
+            until,
         };
         set.spawn(ctx.work());
     }
     run.join_all(set).await;
     watch.abort();
-    let elapsed = start.elapsed();
-    run.end_measure();
-    elapsed
+    run.end(window)
 }
 
 struct Worker {
@@ -74,6 +87,7 @@ struct Worker {
     interval: Duration,
     size: usize,
     timeout: Duration,
+    until: Until,
 }
 
 impl Worker {
@@ -92,31 +106,35 @@ impl Worker {
                 return Ok(());
             }
             let from = pace(intended).await;
-            if let Err(failure) = self.one(k, from, &mut out, &mut back).await {
+            if let Err(failure) = self.one(k, intended, from, &mut out, &mut back).await {
                 self.stats.fail(failure);
             }
         }
     }
 
-    async fn one(&self, id: u64, from: Instant, out: &mut [u8], back: &mut [u8]) -> Result<(), Failure> {
-        let mut stream = self
-            .connector
-            .connect(id)
-            .await
-            .map_err(|e| Failure::new(ErrorKind::Connect, format!("connection {id}: connect: {e}")))?;
-        self.stats.connections.fetch_add(1, Relaxed);
+    async fn one(
+        &self,
+        id: u64,
+        intended: Instant,
+        from: Instant,
+        out: &mut [u8],
+        back: &mut [u8],
+    ) -> Result<(), Failure> {
+        let opened = self.connector.open(id, &self.stats).await?;
+        let mut conn = opened.conn;
         let pattern = Pattern::new(id);
         pattern.fill(0, out);
-        let (mut rd, mut wr) = stream.split();
-        let (w, r) = tokio::join!(
-            timed(id, "write", self.timeout, wr.write_all(out)),
-            timed(id, "read", self.timeout, rd.read_exact(back)),
-        );
-        let result = w.and(r.map(|_| ())).and_then(|()| verify(&pattern, id, 0, back));
+        let result = timed(id, "echo", self.timeout, exchange(&mut conn, out, back))
+            .await
+            .and_then(|()| verify(&pattern, id, 0, back));
         let done = Instant::now();
-        close_with_reset(stream);
+        close_with_reset(conn);
         result?;
-        self.stats.done(id, done - from, self.size as u64);
+        let end = match self.until {
+            Until::Echo => done,
+            Until::Handshake => opened.handshaken,
+        };
+        self.stats.done(id, intended, end - from, self.size as u64);
         Ok(())
     }
 }

@@ -3,18 +3,15 @@
 //!
 //! Latency here is the time to connect and get the first byte back.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::net::close_with_reset;
+use crate::conn::{close_with_reset, exchange, Conn};
 use crate::pattern::Pattern;
 use crate::pingpong::verify;
-use crate::run::{phase, timed, Run, CONNECT_CONCURRENCY};
+use crate::run::{pace, phase, timed, Run, CONNECT_CONCURRENCY};
 use crate::stats::{ErrorKind, Failure};
 
 /// What the hold mode adds to the report.
@@ -32,35 +29,36 @@ pub struct HoldReport {
 }
 
 /// Echoes the pattern byte at `offset` on one connection.
-async fn echo_byte(stream: &mut TcpStream, id: u64, offset: u64, timeout: Duration) -> Result<(), Failure> {
+async fn echo_byte(stream: &mut Conn, id: u64, offset: u64, timeout: Duration) -> Result<(), Failure> {
     let pattern = Pattern::new(id);
     let out = [pattern.byte(offset)];
-    timed(id, "write", timeout, stream.write_all(&out)).await?;
     let mut back = [0u8; 1];
-    timed(id, "read", timeout, stream.read_exact(&mut back)).await?;
+    timed(id, "echo", timeout, exchange(stream, &out, &mut back)).await?;
     verify(&pattern, id, offset, &back)
 }
 
 pub async fn run(run: &Run, hold: Duration) -> (Duration, HoldReport) {
     let n = run.connections;
-    let (start, _) = run.begin_measure();
+    let start = Instant::now();
+    let window = run.begin(start);
 
-    // Open and verify every connection, a bounded number at a time.
-    let mut held: Vec<(u64, TcpStream)> = Vec::with_capacity(n as usize);
+    // Open and verify every connection, a bounded number at a time (or at --connect-rate).
+    let mut held: Vec<(u64, Conn)> = Vec::with_capacity(n as usize);
     let mut set = JoinSet::new();
     let mut next = 0u64;
     loop {
         while next < n && set.len() < CONNECT_CONCURRENCY && !run.stats.stopped() {
             let (id, connector, stats, timeout) =
                 (next, run.connector.clone(), run.stats.clone(), run.timeout);
+            let at = run.connect_rate.map(|rate| start + Duration::from_secs_f64(id as f64 / rate));
             set.spawn(async move {
+                if let Some(at) = at {
+                    pace(at).await;
+                }
                 let t0 = Instant::now();
-                let mut stream = connector.connect(id).await.map_err(|e| {
-                    Failure::new(ErrorKind::Connect, format!("connection {id}: connect: {e}"))
-                })?;
-                stats.connections.fetch_add(1, Relaxed);
+                let mut stream = connector.open(id, &stats).await?.conn;
                 echo_byte(&mut stream, id, 0, timeout).await?;
-                stats.done(id, t0.elapsed(), 1);
+                stats.done(id, t0, t0.elapsed(), 1);
                 Ok::<_, Failure>((id, stream))
             });
             next += 1;
@@ -119,7 +117,6 @@ pub async fn run(run: &Run, hold: Duration) -> (Duration, HoldReport) {
     for stream in rest {
         close_with_reset(stream);
     }
-    let elapsed = start.elapsed();
-    run.end_measure();
+    let elapsed = run.end(window);
     (elapsed, HoldReport { held: count, setup_s: setup.as_secs_f64(), hold_s, sampled, sample_ok })
 }

@@ -3,17 +3,36 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// Opens client connections to one target.
+use crate::conn::{read_banner, Conn, ExpectBanner};
+use crate::proxy::Proxy;
+use crate::run::timed;
+use crate::stats::{ErrorKind, Failure, Stats};
+use crate::tls::Tls;
+
+/// Opens client connections to one target, and makes each ready for the echo: the PROXY
+/// header, the TLS handshake and the banner, as asked.
 #[derive(Debug, Clone)]
 pub struct Connector {
     target: SocketAddr,
     /// Spread source addresses over 127.0.0.2..=127.0.0.254 (only for a 127.x target on Linux).
     spread: bool,
     timeout: Duration,
+    pub proxy: Option<Proxy>,
+    pub tls: Option<Tls>,
+    pub banner: Option<ExpectBanner>,
+}
+
+/// A connection ready for the echo.
+pub struct Opened {
+    pub conn: Conn,
+    /// When the TLS handshake (if any) was done.
+    pub handshaken: Instant,
 }
 
 /// How many loopback source addresses connections are spread over: 127.0.0.2 ..= 127.0.0.254.
@@ -23,7 +42,7 @@ impl Connector {
     pub fn new(target: SocketAddr, spread: bool, timeout: Duration) -> Connector {
         let spread =
             spread && cfg!(target_os = "linux") && matches!(target.ip(), IpAddr::V4(ip) if ip.is_loopback());
-        Connector { target, spread, timeout }
+        Connector { target, spread, timeout, proxy: None, tls: None, banner: None }
     }
 
     /// Whether connections get spread source addresses.
@@ -60,6 +79,52 @@ impl Connector {
             )),
         }
     }
+
+    /// Connects connection `id` and makes it ready for the echo: sends the PROXY header, makes
+    /// the TLS handshake, reads and checks the banner (counted in `stats` whatever it says).
+    /// Counts the connection in `stats` once TCP is connected.
+    pub async fn open(&self, id: u64, stats: &Stats) -> Result<Opened, Failure> {
+        let mut tcp = self
+            .connect(id)
+            .await
+            .map_err(|e| Failure::new(ErrorKind::Connect, format!("connection {id}: connect: {e}")))?;
+        stats.connections.fetch_add(1, Relaxed);
+        if let Some(proxy) = &self.proxy {
+            let header = proxy.header(id, self.target).map_err(|e| Failure::new(ErrorKind::Io, e))?;
+            timed(id, "PROXY header", self.timeout, tcp.write_all(&header)).await?;
+        }
+        let mut conn = match &self.tls {
+            None => Conn::Tcp(tcp),
+            Some(tls) => {
+                let handshake = tls.connector.connect(tls.name.clone(), tcp);
+                match tokio::time::timeout(self.timeout, handshake).await {
+                    Ok(Ok(stream)) => {
+                        stats.tls_version(stream.get_ref().1.protocol_version());
+                        Conn::Tls(Box::new(stream))
+                    }
+                    Ok(Err(e)) => {
+                        return Err(Failure::new(
+                            ErrorKind::Tls,
+                            format!("connection {id}: TLS handshake: {e}"),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(Failure::new(
+                            ErrorKind::Timeout,
+                            format!("connection {id}: TLS handshake: no progress for {:?}", self.timeout),
+                        ));
+                    }
+                }
+            }
+        };
+        let handshaken = Instant::now();
+        if let Some(expect) = &self.banner {
+            let (text, verdict) = read_banner(&mut conn, id, self.timeout, expect).await?;
+            stats.banner(&text);
+            verdict?;
+        }
+        Ok(Opened { conn, handshaken })
+    }
 }
 
 /// A non-blocking socket bound to `source` whose port is picked at connect time
@@ -89,13 +154,6 @@ fn bound_socket(source: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
     }
     socket.bind(&source.into())?;
     Ok(tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket)))
-}
-
-/// Closes a connection with a RST instead of a FIN (SO_LINGER 0): no TIME_WAIT on the client,
-/// and the connection-tracking entry expires after 10 s instead of 120 s.
-pub fn close_with_reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }
 
 /// Files the client keeps for itself besides connections (stdio, epoll, eventfds, …).

@@ -9,61 +9,48 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
-use crate::net::close_with_reset;
+use crate::conn::{close_with_reset, exchange, Conn};
 use crate::pattern::Pattern;
-use crate::run::{pace, timed, Run};
+use crate::run::{pace, slots_before, timed, Run, Window};
 use crate::stats::{ErrorKind, Failure, Stats};
 
 pub async fn run(run: &Run, size: usize, rate: Option<f64>) -> Duration {
-    let conns = run.connect_all(run.connections).await;
     let n = run.connections as f64;
-    let (start, deadline) = run.begin_measure();
-    let mut set = JoinSet::new();
-    for (id, stream) in conns {
-        let stats = run.stats.clone();
-        let quota = run.share(id);
-        let timeout = run.timeout;
-        match rate {
-            None => {
-                set.spawn(closed_loop(stream, id, size, quota, deadline, timeout, stats));
-            }
-            Some(rate) => {
-                // Each connection sends every n/rate seconds, the connections staggered evenly.
-                let period = Duration::from_secs_f64(n / rate);
-                let first = start + Duration::from_secs_f64(id as f64 / rate);
-                let messages = match (quota, deadline) {
-                    (Some(q), _) => q,
-                    (None, Some(end)) => scheduled_before(first, period, end),
-                    (None, None) => 0,
-                };
-                set.spawn(open_loop(stream, id, size, first, period, messages, timeout, stats));
+    let (stats, timeout) = (run.stats.clone(), run.timeout);
+    let quotas: Arc<Vec<Option<u64>>> = Arc::new((0..run.connections).map(|id| run.share(id)).collect());
+    run.each(move |id, conn, window| {
+        let (stats, quota) = (stats.clone(), quotas[id as usize]);
+        async move {
+            match rate {
+                None => closed_loop(conn, id, size, quota, window, timeout, stats).await,
+                Some(rate) => {
+                    // Each connection sends every n/rate seconds, the connections staggered
+                    // evenly from the start of the traffic (or from when it connected, if later).
+                    let period = Duration::from_secs_f64(n / rate);
+                    let first =
+                        (window.traffic + Duration::from_secs_f64(id as f64 / rate)).max(Instant::now());
+                    let warm = slots_before(first, period, window.start);
+                    let messages = match (quota, window.deadline) {
+                        (Some(q), _) => warm + q,
+                        (None, Some(end)) => slots_before(first, period, end),
+                        (None, None) => 0,
+                    };
+                    open_loop(conn, id, size, first, period, messages, timeout, stats).await
+                }
             }
         }
-    }
-    run.join_all(set).await;
-    let elapsed = start.elapsed();
-    run.end_measure();
-    elapsed
-}
-
-/// How many sends at `first + k * period` fall before `end`.
-fn scheduled_before(first: Instant, period: Duration, end: Instant) -> u64 {
-    if end <= first {
-        return 0;
-    }
-    ((end - first).as_secs_f64() / period.as_secs_f64()).ceil() as u64
+    })
+    .await
 }
 
 async fn closed_loop(
-    mut stream: TcpStream,
+    mut conn: Conn,
     id: u64,
     size: usize,
     quota: Option<u64>,
-    deadline: Option<Instant>,
+    window: Window,
     timeout: Duration,
     stats: Arc<Stats>,
 ) -> Result<(), Failure> {
@@ -73,27 +60,20 @@ async fn closed_loop(
     let mut offset = 0u64;
     let mut sent = 0u64;
     loop {
-        if stats.finished(quota, sent, deadline) {
+        if stats.finished(quota, sent, window.deadline) {
             break;
         }
         pattern.fill(offset, &mut out);
         let t0 = Instant::now();
-        // Write and read concurrently so that a message larger than the socket buffers cannot
-        // deadlock against a server that echoes as it reads.
-        let (mut rd, mut wr) = stream.split();
-        let (w, r) = tokio::join!(
-            timed(id, "write", timeout, wr.write_all(&out)),
-            timed(id, "read", timeout, rd.read_exact(&mut back)),
-        );
-        w?;
-        r?;
+        timed(id, "echo", timeout, exchange(&mut conn, &out, &mut back)).await?;
         let latency = t0.elapsed();
         verify(&pattern, id, offset, &back)?;
-        stats.done(id, latency, size as u64);
+        if stats.done(id, t0, latency, size as u64) {
+            sent += 1;
+        }
         offset += size as u64;
-        sent += 1;
     }
-    finish(stream, id, timeout).await
+    finish(conn, id, timeout).await
 }
 
 /// Checks an echoed message against the pattern.
@@ -112,7 +92,7 @@ pub fn verify(pattern: &Pattern, id: u64, offset: u64, got: &[u8]) -> Result<(),
 }
 
 /// Ends a connection cleanly: half-close, then expect the server's EOF with no extra bytes.
-pub async fn finish(mut stream: TcpStream, id: u64, timeout: Duration) -> Result<(), Failure> {
+pub async fn finish(mut stream: Conn, id: u64, timeout: Duration) -> Result<(), Failure> {
     timed(id, "shutdown", timeout, stream.shutdown()).await?;
     let mut extra = [0u8; 64];
     let n = timed(id, "read at end", timeout, stream.read(&mut extra)).await?;
@@ -128,7 +108,7 @@ pub async fn finish(mut stream: TcpStream, id: u64, timeout: Duration) -> Result
 
 #[allow(clippy::too_many_arguments)]
 async fn open_loop(
-    stream: TcpStream,
+    stream: Conn,
     id: u64,
     size: usize,
     first: Instant,
@@ -137,9 +117,9 @@ async fn open_loop(
     timeout: Duration,
     stats: Arc<Stats>,
 ) -> Result<(), Failure> {
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     // The writer tells the reader when each message was due (or left, if earlier).
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Instant)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Instant, Instant)>();
     let pattern = Pattern::new(id);
     let writer_stats = stats.clone();
     let writer = tokio::spawn(async move {
@@ -151,7 +131,7 @@ async fn open_loop(
             let intended = first + period.mul_f64(k as f64);
             let from = pace(intended).await;
             pattern.fill(k * size as u64, &mut out);
-            if tx.send((from, Instant::now())).is_err() {
+            if tx.send((intended, from, Instant::now())).is_err() {
                 break; // the reader failed
             }
             timed(id, "write", timeout, wr.write_all(&out)).await?;
@@ -161,13 +141,13 @@ async fn open_loop(
     let mut back = vec![0u8; size];
     let mut received = 0u64;
     let read_result: Result<(), Failure> = async {
-        while let Some((from, sent_at)) = rx.recv().await {
+        while let Some((intended, from, sent_at)) = rx.recv().await {
             let offset = received * size as u64;
             timed(id, "read", timeout, rd.read_exact(&mut back)).await?;
             let now = Instant::now();
             verify(&pattern, id, offset, &back)?;
-            stats.done(id, now - from, size as u64);
-            stats.service(id, now - sent_at);
+            stats.done(id, intended, now - from, size as u64);
+            stats.service(id, intended, now - sent_at);
             received += 1;
         }
         Ok(())
@@ -180,5 +160,5 @@ async fn open_loop(
     }
     let wr =
         writer.await.map_err(|e| Failure::new(ErrorKind::Io, format!("connection {id}: writer: {e}")))??;
-    finish(rd.reunite(wr).expect("halves of one stream"), id, timeout).await
+    finish(rd.unsplit(wr), id, timeout).await
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::stats::Stats;
+use crate::stats::{lock, Stats};
 
 pub struct Progress {
     stats: Arc<Stats>,
@@ -82,12 +82,12 @@ impl Progress {
                 }
             }
         });
-        *self.state.lock().unwrap() = Some((bar, task));
+        *lock(&self.state) = Some((bar, task));
     }
 
     /// Prints a line without garbling the bar.
     pub fn println(&self, line: &str) {
-        match self.state.lock().unwrap().as_ref() {
+        match lock(&self.state).as_ref() {
             Some((Some(bar), _)) => bar.println(line),
             _ => eprintln!("echod-bench: {line}"),
         }
@@ -95,7 +95,7 @@ impl Progress {
 
     /// Stops reporting.
     pub fn finish(&self) {
-        if let Some((bar, task)) = self.state.lock().unwrap().take() {
+        if let Some((bar, task)) = lock(&self.state).take() {
             task.abort();
             if let Some(bar) = bar {
                 bar.finish_and_clear();

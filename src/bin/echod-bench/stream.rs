@@ -8,41 +8,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
+use crate::conn::Conn;
 use crate::pattern::Pattern;
 use crate::pingpong::verify;
-use crate::run::{timed, Run};
+use crate::run::{timed, Run, Window};
 use crate::stats::{ErrorKind, Failure, Stats};
 
 /// The reader's buffer.
 const READ_BUF: usize = 64 * 1024;
 
 pub async fn run(run: &Run, size: usize) -> Duration {
-    let conns = run.connect_all(run.connections).await;
-    let (start, deadline) = run.begin_measure();
-    let mut set = JoinSet::new();
-    for (id, stream) in conns {
-        set.spawn(connection(stream, id, size, run.share(id), deadline, run.timeout, run.stats.clone()));
-    }
-    run.join_all(set).await;
-    let elapsed = start.elapsed();
-    run.end_measure();
-    elapsed
+    let (stats, timeout) = (run.stats.clone(), run.timeout);
+    let quotas: Arc<Vec<Option<u64>>> = Arc::new((0..run.connections).map(|id| run.share(id)).collect());
+    run.each(move |id, conn, window| {
+        connection(conn, id, size, quotas[id as usize], window, timeout, stats.clone())
+    })
+    .await
 }
 
 async fn connection(
-    stream: TcpStream,
+    stream: Conn,
     id: u64,
     size: usize,
     quota: Option<u64>,
-    deadline: Option<Instant>,
+    window: Window,
     timeout: Duration,
     stats: Arc<Stats>,
 ) -> Result<(), Failure> {
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let pattern = Pattern::new(id);
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
     let writer_stats = stats.clone();
@@ -50,16 +45,20 @@ async fn connection(
         let mut written = 0u64;
         let mut chunks = 0u64;
         loop {
-            if writer_stats.finished(quota, chunks, deadline) {
+            if writer_stats.finished(quota, chunks, window.deadline) {
                 break;
             }
-            let _ = tx.send(Instant::now());
+            let began = Instant::now();
+            let _ = tx.send(began);
             // Straight from the pattern's table: the writer does no per-byte work.
             for part in pattern.parts(written, size) {
                 timed(id, "write", timeout, wr.write_all(part)).await?;
             }
             written += size as u64;
-            chunks += 1;
+            // Chunks begun in the warm-up do not count against --count.
+            if writer_stats.counts(began) {
+                chunks += 1;
+            }
         }
         timed(id, "shutdown", timeout, wr.shutdown()).await?;
         Ok::<_, Failure>((written, wr))
@@ -80,7 +79,7 @@ async fn connection(
             let now = Instant::now();
             while received >= next_chunk_end {
                 let Some(started) = rx.recv().await else { break };
-                stats.done(id, now - started, size as u64);
+                stats.done(id, started, now - started, size as u64);
                 next_chunk_end += size as u64;
             }
         }

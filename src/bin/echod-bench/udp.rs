@@ -257,6 +257,24 @@ pub fn main(cli: &Cli, args: &Args) -> ExitCode {
     if cli.count == Some(0) {
         usage("--count must be at least 1".into());
     }
+    // The stream modes' extras: a udp run has no warm-up, start time, connect pacing, PROXY
+    // header, banner, TLS, histogram file or worker name (yet); refused rather than ignored.
+    let unsupported = [
+        ("--warmup", cli.warmup.is_some()),
+        ("--start-at", cli.start_at.is_some()),
+        ("--connect-rate", cli.connect_rate.is_some()),
+        ("--proxy-protocol", cli.proxy_protocol.is_some()),
+        ("--expect-banner", cli.expect_banner.is_some()),
+        ("--tls", cli.tls),
+        ("--histogram", cli.histogram.is_some()),
+        ("--worker", cli.worker.is_some()),
+    ];
+    if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
+        crate::usage_error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("{flag} does not apply to the udp mode"),
+        );
+    }
     let duration = match (cli.duration, cli.count) {
         (None, None) => Some(Duration::from_secs(10)),
         (d, _) => d,
@@ -349,6 +367,7 @@ async fn run(
     }
     phase("measure");
     let start = Instant::now();
+    stats.measure_from(start);
     progress.start(start);
     let deadline = duration.map(|d| start + d);
     let n = connections as f64;
@@ -545,17 +564,19 @@ impl SocketState {
             self.counts.reordered += 1;
         }
         self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
-        let latency = self.times.get(seq).map(|from| now - from);
-        match latency {
-            Some(latency) => job.stats.done(job.id, latency, len as u64),
+        let sent_at = self.times.get(seq);
+        match sent_at {
+            Some(from) => {
+                job.stats.done(job.id, from, now - from, len as u64);
+                if let Pacing::Open { .. } = job.pacing {
+                    job.stats.service(job.id, from, now - from);
+                }
+            }
             // Back after its send time was overwritten: counted, without a latency.
             None => {
                 job.stats.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 job.stats.bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
             }
-        }
-        if let (Pacing::Open { .. }, Some(latency)) = (job.pacing, latency) {
-            job.stats.service(job.id, latency);
         }
         Ok(())
     }
