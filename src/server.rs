@@ -234,7 +234,8 @@ impl Server {
                 .map_err(|source| Error::Bind { addr: spec.addr, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let udp_shared = Arc::new(udp::Shared::new(config.udp_rate_limit.0));
+        let udp_shared =
+            Arc::new(udp::Shared::new(config.udp_rate_limit.0, Rules::new(&config.allow, &config.deny)));
         let hostname = banner::hostname();
         let listeners = sockets
             .into_iter()

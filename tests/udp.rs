@@ -310,6 +310,97 @@ async fn the_rate_limit_caps_one_source_while_another_is_answered_at_full_rate()
     server.shutdown().await;
 }
 
+/// Sends `denied_count` datagrams from `denied` and one from `admitted`; the admitted one is
+/// echoed, the others are counted as denied and never answered.
+async fn denied_and_admitted(
+    server: &UdpServer,
+    denied: &UdpSocket,
+    admitted: &UdpSocket,
+    denied_count: usize,
+) {
+    for i in 0..denied_count {
+        denied.send(format!("denied {i}").as_bytes()).await.expect("send");
+    }
+    admitted.send(b"admitted").await.expect("send");
+    assert_eq!(recv(admitted).await, b"admitted");
+    let expected = (denied_count + 1) as f64;
+    eventually_saw("every datagram judged", || {
+        let n = metric(&server.metrics(), "echod_udp_datagrams_received_total", "");
+        if n == expected {
+            Ok(())
+        } else {
+            Err(format!("{n} of {expected}"))
+        }
+    })
+    .await;
+    assert!(!arrives_within(denied, Duration::from_millis(300)).await, "a denied source was answered");
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "echod_udp_datagrams_dropped_total", "reason=\"denied\""),
+        denied_count as f64,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "echod_udp_datagrams_sent_total", ""), 1.0, "{m}");
+    assert_eq!(metric(&m, "echod_udp_datagrams_dropped_total", "reason=\"rate_limited\""), 0.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_denied_source_gets_no_reply_and_is_counted_while_another_is_echoed() {
+    let server = UdpServer::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--deny",
+        "127.0.0.2/32",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let addr = server.udp[0];
+    let Ok(denied) = client_on(SocketAddr::from(([127, 0, 0, 2], 0)), addr).await else {
+        eprintln!("skipped: this host cannot bind 127.0.0.2");
+        server.shutdown().await;
+        return;
+    };
+    let admitted = client(addr).await;
+    denied_and_admitted(&server, &denied, &admitted, 5).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_allow_list_answers_only_its_sources_on_both_families() {
+    let v6 = ipv6_loopback();
+    let mut args =
+        vec!["--listen", "udp://127.0.0.1:0", "--allow", "127.0.0.1", "--metrics-listen", "127.0.0.1:0"];
+    if v6 {
+        args.extend(["--listen", "udp://[::1]:0"]);
+    }
+    let server = UdpServer::start(&args).await;
+    let addr = listener_for(&server, false);
+    let Ok(outside) = client_on(SocketAddr::from(([127, 0, 0, 2], 0)), addr).await else {
+        eprintln!("skipped: this host cannot bind 127.0.0.2");
+        server.shutdown().await;
+        return;
+    };
+    let inside = client(addr).await;
+    denied_and_admitted(&server, &outside, &inside, 3).await;
+    if v6 {
+        // ::1 is in no allow: refused too.
+        let v6_client = client(listener_for(&server, true)).await;
+        v6_client.send(b"from ::1").await.expect("send");
+        eventually_saw("the IPv6 datagram denied", || {
+            let n = metric(&server.metrics(), "echod_udp_datagrams_dropped_total", "reason=\"denied\"");
+            if n == 4.0 {
+                Ok(())
+            } else {
+                Err(format!("{n}"))
+            }
+        })
+        .await;
+        assert!(!arrives_within(&v6_client, Duration::from_millis(300)).await, "::1 was answered");
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn metrics_are_exact_after_a_known_load() {
     // A limit of 2 a second: two datagrams are answered, the next three dropped (a token
@@ -676,6 +767,36 @@ fn a_busy_udp_port_fails_start_up_naming_the_address() {
         assert_eq!(code, Some(1), "{output}");
         assert!(output.contains(&format!("cannot listen on {addr}")), "{output}");
     }
+}
+
+#[test]
+fn denied_datagrams_are_logged_once_not_per_datagram() {
+    let echod =
+        Binary::start(&["--listen", "udp://127.0.0.1:0", "--deny", "127.0.0.1", "--metrics-listen", "off"]);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for _ in 0..20 {
+        socket.send_to(b"refused", echod.udp[0]).expect("send");
+    }
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut lines = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match echod.log.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok(line) => lines.push(line),
+            Err(_) if !lines.is_empty() => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let refusals: Vec<_> = lines.iter().filter(|l| l.contains("refusing datagrams")).collect();
+    assert_eq!(refusals.len(), 1, "{lines:#?}");
+    assert!(
+        refusals[0].contains("reason=\"denied\"") || refusals[0].contains("reason=denied"),
+        "{}",
+        refusals[0]
+    );
+    assert!(refusals[0].contains("127.0.0.1"), "{}", refusals[0]);
+    socket.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    assert!(socket.recv_from(&mut [0u8; 64]).is_err(), "a denied datagram was answered");
 }
 
 #[test]

@@ -12,8 +12,9 @@
 //! * `rate_limited`: more than `--udp-rate-limit` datagrams per second from one source (an IPv4
 //!   address, an IPv6 /64); see [`limiter`], whose table is bounded whatever the number of
 //!   sources. With source addresses spoofed, this is what keeps echod from flooding a victim.
-//! * `denied`: refused by access control (today every source is admitted; see
-//!   [`Shared::access`]).
+//! * `denied`: a source outside `--allow` (when any is given) or inside a `--deny`, the same
+//!   rules the stream listeners apply (see [`crate::access`]): never answered, and logged at
+//!   most once per 5 s. The lookup is a binary search over merged ranges, allocating nothing.
 //! * `send_error`: the reply could not be sent; a send that would block is given up at once,
 //!   never queued.
 //!
@@ -35,12 +36,14 @@ pub mod socket;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use crate::access::Rules;
 use crate::config::ListenSpec;
 use crate::metrics::{ServerMetrics, UdpCounters, UdpDrop, UdpTally};
 use limiter::Limiter;
@@ -58,21 +61,26 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
 /// What every UDP loop shares.
 pub struct Shared {
     limiter: Option<Limiter>,
+    /// `--allow` / `--deny`, when any rule is set.
+    rules: Option<Rules>,
+    denied_log: DeniedLog,
 }
 
 impl Shared {
-    /// The state of `--udp-rate-limit` (`None`: off).
-    pub fn new(rate_limit: Option<u32>) -> Shared {
-        Shared { limiter: rate_limit.map(Limiter::new) }
+    /// The state of `--udp-rate-limit` (`None`: off) and of the access rules.
+    pub fn new(rate_limit: Option<u32>, rules: Rules) -> Shared {
+        Shared {
+            limiter: rate_limit.map(Limiter::new),
+            rules: rules.any().then_some(rules),
+            denied_log: DeniedLog::default(),
+        }
     }
 
-    /// Access control's hook: whether datagrams from `source` may be answered. Every source is
-    /// admitted today; allow and deny lists decide here, and what they refuse is counted as
-    /// `denied`.
+    /// Whether datagrams from `source` may be answered by the access rules (an IPv4-mapped IPv6
+    /// source matches IPv4 rules). What they refuse is counted as `denied`.
     #[inline]
     pub fn access(&self, source: &SocketAddr) -> bool {
-        let _ = source;
-        true
+        self.rules.as_ref().is_none_or(|rules| rules.admits(source.ip()))
     }
 
     /// Sources the rate limiter tracks now (0 with the limit off).
@@ -81,9 +89,10 @@ impl Shared {
     }
 
     /// Decides every datagram of a batch that arrived at `now`: which to answer, and why the
-    /// others are dropped.
-    fn judge(&self, batch: &mut Batch, now: Instant, tally: &mut UdpTally) {
+    /// others are dropped. Returns the first source the access rules refused, if any.
+    fn judge(&self, batch: &mut Batch, now: Instant, tally: &mut UdpTally) -> Option<SocketAddr> {
         let clock = self.limiter.as_ref().map(|l| l.clock(now));
+        let mut denied = None;
         for i in 0..batch.received() {
             tally.received += 1;
             tally.bytes_received += batch.datagram_len(i) as u64;
@@ -95,6 +104,7 @@ impl Shared {
             let verdict = if source.port() < FIRST_CLIENT_PORT {
                 Some(UdpDrop::ReservedPort)
             } else if !self.access(&source) {
+                denied = denied.or(Some(source));
                 Some(UdpDrop::Denied)
             } else if let (Some(limiter), Some(now)) = (&self.limiter, clock) {
                 (!limiter.admit(&source, now)).then_some(UdpDrop::RateLimited)
@@ -105,6 +115,43 @@ impl Shared {
                 tally.dropped[why as usize] += 1;
                 batch.drop_datagram(i);
             }
+        }
+        denied
+    }
+
+    /// Notes a batch's denied datagrams (`first` among them) for the refusal log.
+    fn note_denied(&self, first: Option<SocketAddr>, tally: &UdpTally, listener: &str) {
+        if let Some(source) = first {
+            self.denied_log.note(tally.dropped[UdpDrop::Denied as usize], source, listener);
+        }
+    }
+}
+
+/// At most one log line every [`ERROR_LOG_EVERY`] about denied datagrams, for all loops together,
+/// with the count since the last line. Touched once per batch that had denials.
+#[derive(Default)]
+struct DeniedLog {
+    last_ms: AtomicU64,
+    since: AtomicU64,
+}
+
+impl DeniedLog {
+    fn note(&self, count: u64, source: SocketAddr, listener: &str) {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let every = ERROR_LOG_EVERY.as_millis() as u64;
+        // Offset by one period, so the first denial is logged at once.
+        let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + every;
+        let total = self.since.fetch_add(count, Relaxed) + count;
+        let last = self.last_ms.load(Relaxed);
+        if now >= last + every && self.last_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+            self.since.store(0, Relaxed);
+            warn!(
+                reason = "denied",
+                client = %source,
+                listener,
+                refused = total,
+                "refusing datagrams (logged at most every 5 s)"
+            );
         }
     }
 }
@@ -267,7 +314,8 @@ async fn run(
             }
             _ if received > 0 => {
                 let mut tally = UdpTally::default();
-                shared.judge(&mut batch, Instant::now(), &mut tally);
+                let denied = shared.judge(&mut batch, Instant::now(), &mut tally);
+                shared.note_denied(denied, &tally, &listener);
                 let sent = batch.send(fd);
                 sent.add_to(&mut tally);
                 counters.add(&tally);
@@ -303,7 +351,8 @@ async fn run(
             Ok(0) => tokio::time::sleep(ERROR_PAUSE).await,
             Ok(_) => {
                 let mut tally = UdpTally::default();
-                shared.judge(&mut batch, Instant::now(), &mut tally);
+                let denied = shared.judge(&mut batch, Instant::now(), &mut tally);
+                shared.note_denied(denied, &tally, &listener);
                 let sent = batch.send(&socket);
                 sent.add_to(&mut tally);
                 counters.add(&tally);
