@@ -563,6 +563,8 @@ async fn flood_from_distinct_sources(
 struct Binary {
     child: Child,
     udp: Vec<SocketAddr>,
+    // Read by the tests that look into /proc (Linux).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     metrics: Option<SocketAddr>,
     log: mpsc::Receiver<String>,
 }
@@ -602,6 +604,7 @@ impl Binary {
         Binary { child, udp, metrics, log }
     }
 
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     fn pid(&self) -> u32 {
         self.child.id()
     }
