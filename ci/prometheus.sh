@@ -4,7 +4,7 @@
 #   2. static lint of dashboards/echod.json
 #   3. live: run echod and a real Prometheus on loopback, lint /metrics with
 #      `promtool check metrics`, compare it with the metrics contract, drive echo
-#      traffic, then evaluate every dashboard query (must return data) and every
+#      traffic (TCP and UDP), then evaluate every dashboard query (must return data) and every
 #      alert rule (must parse and evaluate) through Prometheus' HTTP API; finally
 #      SIGTERM: /readyz must turn 503, echod_draining 1, and echod must exit 0.
 #
@@ -108,8 +108,14 @@ METRICS_ADDR=127.0.0.1:${PORTS[1]}
 PROM_ADDR=127.0.0.1:${PORTS[2]}
 
 step "start echod (echo $ECHO_ADDR, metrics $METRICS_ADDR)"
-RUST_LOG=${RUST_LOG:-warn} "$BIN" --listen "$ECHO_ADDR" --metrics-listen "$METRICS_ADDR" \
-    --shutdown-timeout 2s >"$TMP/echod.log" 2>&1 &
+# UDP on the same port number (a free TCP port is nearly always a free UDP one), with a low
+# rate limit so a short burst shows drops on the dashboard and to the alert. The shutdown delay
+# keeps echod draining (readyz 503, echod_draining 1) long enough to be seen: idle clients are
+# closed as soon as the listeners close, so without it the drain is over at once.
+UDP_RATE_LIMIT=50
+RUST_LOG=${RUST_LOG:-warn} "$BIN" --listen "$ECHO_ADDR" --listen "udp://$ECHO_ADDR" \
+    --udp-rate-limit "$UDP_RATE_LIMIT" --metrics-listen "$METRICS_ADDR" \
+    --shutdown-delay 2s --shutdown-timeout 2s >"$TMP/echod.log" 2>&1 &
 ECHOD_PID=$!
 echo "pid $ECHOD_PID"
 
@@ -137,6 +143,7 @@ python3 ci/prometheus_check.py live \
     --prometheus "http://$PROM_ADDR" \
     --metrics-url "http://$METRICS_ADDR/metrics" \
     --echo "$ECHO_ADDR" \
+    --udp-echo "$ECHO_ADDR" --udp-rate-limit "$UDP_RATE_LIMIT" \
     --promtool "$PROMTOOL" \
     --echod-pid "$ECHOD_PID"
 
@@ -148,7 +155,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 if kill -0 "$ECHOD_PID" 2>/dev/null; then
-    echo "FAIL: echod still running 10 s after SIGTERM (shutdown timeout is 2 s)" >&2
+    echo "FAIL: echod still running 10 s after SIGTERM (shutdown delay and timeout are 2 s each)" >&2
     exit 1
 fi
 rc=0

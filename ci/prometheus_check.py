@@ -44,6 +44,11 @@ CONTRACT = {
     "echod_runtime_alive_tasks": ("gauge", set(), False),
     "echod_runtime_global_queue_depth": ("gauge", set(), False),
     "echod_runtime_busy_seconds_total": ("counter", set(), False),
+    "echod_udp_datagrams_received_total": ("counter", {"listener"}, False),
+    "echod_udp_datagrams_sent_total": ("counter", set(), False),
+    "echod_udp_bytes_received_total": ("counter", set(), False),
+    "echod_udp_bytes_sent_total": ("counter", set(), False),
+    "echod_udp_datagrams_dropped_total": ("counter", {"reason"}, False),
     "process_cpu_seconds_total": ("counter", set(), False),
     "process_resident_memory_bytes": ("gauge", set(), False),
     "process_virtual_memory_bytes": ("gauge", set(), False),
@@ -57,6 +62,10 @@ LABEL_VALUES = {
                "injected_close", "injected_reset"},
     "result": {"ok", "error"},
     "kind": {"connection_aborted", "too_many_open_files", "no_buffers", "out_of_memory", "other"},
+}
+# Label values of one metric where they differ from LABEL_VALUES' (same label, other meaning).
+METRIC_LABEL_VALUES = {
+    "echod_udp_datagrams_dropped_total": {"reason": {"reserved_port", "rate_limited", "send_error", "denied"}},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -303,7 +312,7 @@ def check_contract(text, after_traffic):
             missing = labels - set(slabels)
             if missing:
                 problems.append(f"{sname}: series without label(s) {sorted(missing)}: {slabels}")
-            for lab, allowed in LABEL_VALUES.items():
+            for lab, allowed in {**LABEL_VALUES, **METRIC_LABEL_VALUES.get(name, {})}.items():
                 if lab in labels and slabels.get(lab) not in allowed:
                     problems.append(f"{sname}: {lab}={slabels.get(lab)!r} not in {sorted(allowed)}")
         if typ == "histogram":
@@ -315,7 +324,7 @@ def check_contract(text, after_traffic):
     return problems, fams
 
 
-def check_values(fams, nbytes, echo_addr):
+def check_values(fams, nbytes, echo_addr, udp=None):
     """What the traffic of drive_traffic() must have done to the metrics."""
     def total(name, **labels):
         return sum(float(v) for n, l, v in fams.get(name, {}).get("samples", [])
@@ -348,6 +357,21 @@ def check_values(fams, nbytes, echo_addr):
     received, sent = total("echod_bytes_received_total"), total("echod_bytes_sent_total")
     if received != sent:
         problems.append(f"bytes received ({received:g}) != bytes sent ({sent:g}) with every echo read back")
+    if udp:
+        got = {
+            "received": total("echod_udp_datagrams_received_total", listener=f"udp://{udp['addr']}"),
+            "sent": total("echod_udp_datagrams_sent_total"),
+            "bytes_received": total("echod_udp_bytes_received_total"),
+            "bytes_sent": total("echod_udp_bytes_sent_total"),
+            "rate_limited": total("echod_udp_datagrams_dropped_total", reason="rate_limited"),
+        }
+        dropped = total("echod_udp_datagrams_dropped_total")
+        for key, want in (("received", udp["sent"]), ("sent", udp["echoed"]), ("bytes_received", udp["bytes_sent"]),
+                          ("bytes_sent", udp["bytes_echoed"]), ("rate_limited", udp["sent"] - udp["echoed"])):
+            if got[key] != want:
+                problems.append(f"after the UDP test traffic the UDP {key} count is {got[key]:g}, expected {want}")
+        if got["received"] != got["sent"] + dropped:
+            problems.append(f"UDP datagrams received ({got['received']:g}) != echoed ({got['sent']:g}) + dropped ({dropped:g})")
     return problems
 
 
@@ -394,6 +418,43 @@ def drive_traffic(host, port):
     return keep, total
 
 
+def drive_udp_traffic(host, port, limit):
+    """UDP datagrams within the source's rate limit, each echo checked, then a burst over it:
+    the excess is dropped as rate_limited. Returns what was sent and what came back."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.connect((host, port))
+    out = {"addr": f"{host}:{port}", "sent": 0, "echoed": 0, "bytes_sent": 0, "bytes_echoed": 0}
+    polite = limit // 2
+    for i in range(polite):
+        payload = bytes([i % 256]) * (1 + 37 * i)
+        s.send(payload)
+        out["sent"] += 1
+        out["bytes_sent"] += len(payload)
+        if s.recv(70000) != payload:
+            fail("a UDP echo differs from the datagram sent")
+        out["echoed"] += 1
+        out["bytes_echoed"] += len(payload)
+    # The rest of the burst, then three times the limit: the source is held to its rate.
+    burst = 4 * limit
+    for i in range(burst):
+        s.send(b"burst %d" % i)
+        out["sent"] += 1
+        out["bytes_sent"] += len(b"burst %d" % i)
+    s.settimeout(0.5)
+    try:
+        while True:
+            got = s.recv(70000)
+            out["echoed"] += 1
+            out["bytes_echoed"] += len(got)
+    except socket.timeout:
+        pass
+    s.close()
+    if out["echoed"] >= out["sent"]:
+        fail("a UDP burst over the rate limit was answered in full")
+    return out
+
+
 def cmd_live(args):
     prom = Prom(args.prometheus)
     metrics_url = args.metrics_url
@@ -422,8 +483,14 @@ def cmd_live(args):
 
     print(f"--- driving echo traffic to {args.echo}")
     keep, nbytes = drive_traffic(host, port)
-    t_traffic = time.time()
     print(f"  OK: 8 connections, {nbytes} bytes echoed and verified, 1 reset (SO_LINGER 0), 1 left open")
+    udp = None
+    if args.udp_echo:
+        uhost, uport = args.udp_echo.rsplit(":", 1)
+        udp = drive_udp_traffic(uhost, int(uport), args.udp_rate_limit)
+        print(f"  OK: {udp['sent']} UDP datagrams sent, {udp['echoed']} echoed (checked within the rate limit), "
+              f"{udp['sent'] - udp['echoed']} over it")
+    t_traffic = time.time()
 
     # byte counters may be published up to ~1 s late: wait, then lint the fuller exposition
     def counters_caught_up():
@@ -446,7 +513,7 @@ def cmd_live(args):
         if want not in reasons:
             problems.append(f"echod_connections_closed_total has no reason=\"{want}\" series after "
                             f"{'clean closes' if want == 'eof' else 'a SO_LINGER 0 reset'} (got {sorted(r for r in reasons if r)})")
-    problems += check_values(fams, nbytes, args.echo)
+    problems += check_values(fams, nbytes, args.echo, udp)
     extra = sorted(n for n in fams if n.startswith("echod_") and n not in CONTRACT)
     for p in problems:
         print(f"  problem: {p}")
@@ -591,6 +658,8 @@ def main():
     p.add_argument("--prometheus", required=True, help="base URL of the Prometheus scraping echod")
     p.add_argument("--metrics-url", required=True, help="echod's /metrics URL")
     p.add_argument("--echo", required=True, help="HOST:PORT of echod's echo listener")
+    p.add_argument("--udp-echo", help="HOST:PORT of echod's udp:// listener, if any")
+    p.add_argument("--udp-rate-limit", type=int, default=50, help="echod's --udp-rate-limit")
     p.add_argument("--promtool", default="promtool")
     p.add_argument("--echod-pid", type=int, help="if given, finish with SIGTERM and check the drain signals")
     p.set_defaults(func=cmd_live)

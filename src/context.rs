@@ -59,18 +59,24 @@ pub struct ServerState {
     pub(crate) draining: AtomicBool,
     /// Listeners whose accept loop is running now.
     pub(crate) accepting: AtomicUsize,
+    /// UDP listeners answering datagrams now.
+    pub(crate) udp_serving: AtomicUsize,
 }
 
 impl ServerState {
     pub(crate) fn new() -> ServerState {
-        ServerState { draining: AtomicBool::new(false), accepting: AtomicUsize::new(0) }
+        ServerState {
+            draining: AtomicBool::new(false),
+            accepting: AtomicUsize::new(0),
+            udp_serving: AtomicUsize::new(0),
+        }
     }
 
     /// Draining, or no listener accepting: a load balancer should send clients elsewhere.
     pub(crate) fn not_ready(&self) -> Option<&'static str> {
         if self.draining.load(Relaxed) {
             Some("draining")
-        } else if self.accepting.load(Relaxed) == 0 {
+        } else if self.accepting.load(Relaxed) == 0 && self.udp_serving.load(Relaxed) == 0 {
             Some("no listener is accepting")
         } else {
             None

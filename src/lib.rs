@@ -8,7 +8,7 @@
 //! * [`net`]: socket binding and options, and what to do when accept fails;
 //! * [`listener`]: the stream accept loop;
 //! * [`stage`]: what runs before the echo (PROXY header, banner); [`access`]: who may connect;
-//! * [`connection`]: one client's echo and its accounting;
+//! * [`connection`]: one client's echo and its accounting; [`udp`]: the UDP echo;
 //! * [`echo`]: the copy phases, the loop between the copies, faults; [`budget`]: the limit on
 //!   all echo buffers together;
 //! * [`shutdown`]: the platform's stop requests; [`systemd`]: socket activation and notify;
@@ -41,6 +41,7 @@ pub mod shutdown;
 pub mod stage;
 pub mod systemd;
 pub mod telemetry;
+pub mod udp;
 
 pub use config::Config;
 pub use server::{DrainReport, Server, ServerHandle};
@@ -146,6 +147,7 @@ pub fn log_start(config: &Config, server: &Server) {
         version = env!("CARGO_PKG_VERSION"),
         workers = config.worker_threads(),
         listeners = %listeners,
+        udp_rate_limit = %config.udp_rate_limit.0.map_or_else(|| "off".to_string(), |n| format!("{n}/s")),
         max_connections = server.max_connections(),
         max_buffer_memory = %crate::config::values::format_size(budget as u64),
         max_buffer_memory_from = %source,

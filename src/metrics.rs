@@ -43,6 +43,11 @@ pub const RUNTIME_WORKERS: &str = "echod_runtime_workers";
 pub const RUNTIME_ALIVE_TASKS: &str = "echod_runtime_alive_tasks";
 pub const RUNTIME_GLOBAL_QUEUE_DEPTH: &str = "echod_runtime_global_queue_depth";
 pub const RUNTIME_BUSY: &str = "echod_runtime_busy_seconds_total";
+pub const UDP_DATAGRAMS_RECEIVED: &str = "echod_udp_datagrams_received_total";
+pub const UDP_DATAGRAMS_SENT: &str = "echod_udp_datagrams_sent_total";
+pub const UDP_BYTES_RECEIVED: &str = "echod_udp_bytes_received_total";
+pub const UDP_BYTES_SENT: &str = "echod_udp_bytes_sent_total";
+pub const UDP_DATAGRAMS_DROPPED: &str = "echod_udp_datagrams_dropped_total";
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 pub const PROCESS_MAX_FDS: &str = "process_max_fds";
@@ -171,6 +176,71 @@ impl Rejection {
     }
 }
 
+/// Why a UDP datagram was not answered: the `reason` label of
+/// `echod_udp_datagrams_dropped_total`. The discriminants index [`UdpDrop::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// The source port is below 1024: a service's, never a client's.
+    ReservedPort,
+    /// Over `--udp-rate-limit` for its source.
+    RateLimited,
+    /// The reply could not be sent (the send would have blocked, or failed).
+    SendError,
+    /// Refused by access control.
+    Denied,
+}
+
+impl UdpDrop {
+    pub const ALL: [UdpDrop; 4] =
+        [UdpDrop::ReservedPort, UdpDrop::RateLimited, UdpDrop::SendError, UdpDrop::Denied];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UdpDrop::ReservedPort => "reserved_port",
+            UdpDrop::RateLimited => "rate_limited",
+            UdpDrop::SendError => "send_error",
+            UdpDrop::Denied => "denied",
+        }
+    }
+}
+
+/// The counters of one UDP listener (the unlabelled ones and the drops are shared by all).
+pub struct UdpCounters {
+    received: Counter,
+    sent: Counter,
+    bytes_received: Counter,
+    bytes_sent: Counter,
+    dropped: [Counter; UdpDrop::ALL.len()],
+}
+
+impl UdpCounters {
+    /// Adds one batch's counts (each counter is touched once per batch, and only if it moved).
+    pub fn add(&self, t: &UdpTally) {
+        let add = |counter: &Counter, n: u64| {
+            if n > 0 {
+                counter.increment(n);
+            }
+        };
+        add(&self.received, t.received);
+        add(&self.bytes_received, t.bytes_received);
+        add(&self.sent, t.sent);
+        add(&self.bytes_sent, t.bytes_sent);
+        for (counter, &n) in self.dropped.iter().zip(&t.dropped) {
+            add(counter, n);
+        }
+    }
+}
+
+/// What one batch of datagrams did, counted locally by the loop.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UdpTally {
+    pub received: u64,
+    pub bytes_received: u64,
+    pub sent: u64,
+    pub bytes_sent: u64,
+    pub dropped: [u64; UdpDrop::ALL.len()],
+}
+
 /// Figures sampled when `/metrics` is rendered (not kept in the recorder: read where they live).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sampled {
@@ -271,6 +341,15 @@ fn describe() {
     );
     describe_gauge!(DRAINING, "1 while the server drains for shutdown, else 0.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which echod this is.");
+    describe_counter!(UDP_DATAGRAMS_RECEIVED, Unit::Count, "UDP datagrams received, by listener.");
+    describe_counter!(UDP_DATAGRAMS_SENT, Unit::Count, "UDP datagrams echoed back to their source.");
+    describe_counter!(UDP_BYTES_RECEIVED, Unit::Bytes, "Bytes of the UDP datagrams received.");
+    describe_counter!(UDP_BYTES_SENT, Unit::Bytes, "Bytes of the UDP datagrams echoed back.");
+    describe_counter!(
+        UDP_DATAGRAMS_DROPPED,
+        Unit::Count,
+        "UDP datagrams not answered, by reason: reserved_port, rate_limited, send_error, denied."
+    );
     describe_gauge!(RUNTIME_WORKERS, Unit::Count, "Worker threads of the async runtime.");
     describe_gauge!(RUNTIME_ALIVE_TASKS, Unit::Count, "Tasks alive in the async runtime.");
     describe_gauge!(RUNTIME_GLOBAL_QUEUE_DEPTH, Unit::Count, "Tasks waiting in the runtime's global queue.");
@@ -409,6 +488,18 @@ impl ServerMetrics {
     pub fn accepted(&self, listener: &str) -> Counter {
         let label = listener.to_string();
         self.with(|| ::metrics::counter!(CONNECTIONS_ACCEPTED, "listener" => label))
+    }
+
+    /// The counters of the UDP listener labelled `listener`.
+    pub fn udp(&self, listener: &str) -> UdpCounters {
+        let label = listener.to_string();
+        self.with(|| UdpCounters {
+            received: ::metrics::counter!(UDP_DATAGRAMS_RECEIVED, "listener" => label),
+            sent: ::metrics::counter!(UDP_DATAGRAMS_SENT),
+            bytes_received: ::metrics::counter!(UDP_BYTES_RECEIVED),
+            bytes_sent: ::metrics::counter!(UDP_BYTES_SENT),
+            dropped: UdpDrop::ALL.map(|r| ::metrics::counter!(UDP_DATAGRAMS_DROPPED, "reason" => r.as_str())),
+        })
     }
 
     /// Counts one failed accept of the given kind (rare: looked up by name).

@@ -14,6 +14,10 @@
 //! 4. **Drain** until every connection has ended or `--shutdown-timeout` passes; then the rest
 //!    are closed (reason `shutdown`) and `run` returns a [`DrainReport`].
 //!
+//! UDP listeners (`udp://`) are bound with the others and answer datagrams until the stream
+//! listeners close in step 3; then their loops end and their sockets close (no datagram is
+//! waited for: UDP has no connections).
+//!
 //! Connection tasks are spawned on a [`TaskTracker`], which is how the server counts and awaits
 //! them without keeping any per-connection state of its own.
 //!
@@ -48,11 +52,15 @@ use crate::net::{ClientOptions, Keepalive};
 use crate::stage::banner::{self, Banner};
 use crate::stage::tls::{CertificateInfo, Certificates, LoadError, TlsStage};
 use crate::stage::{ProxyStage, Stack};
+use crate::udp::{self, UdpListener};
 use crate::{http, net, rlimit, systemd, Error};
 
 /// After the shutdown timeout, how long connections get to notice the forced close (a copying
 /// connection checks once per tick, 1 s) and finish their tasks.
 const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the UDP loops get to end once told to (they end at their next await).
+const UDP_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Pause before a failed accept loop is restarted.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
@@ -60,6 +68,8 @@ const RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// A bound, not yet running, server.
 pub struct Server {
     listeners: Vec<Arc<StreamListener>>,
+    udp: Vec<UdpListener>,
+    udp_shared: Arc<udp::Shared>,
     http: Option<(SocketAddr, TcpListener)>,
     accept: Arc<AcceptContext>,
     state: Arc<ServerState>,
@@ -87,6 +97,7 @@ pub struct ServerHandle {
     state: Arc<ServerState>,
     tracker: TaskTracker,
     tls: Option<Arc<Certificates>>,
+    udp: Arc<udp::Shared>,
 }
 
 impl ServerHandle {
@@ -113,6 +124,16 @@ impl ServerHandle {
     /// Listeners whose accept loop is running.
     pub fn listeners_accepting(&self) -> usize {
         self.state.accepting.load(Ordering::Relaxed)
+    }
+
+    /// UDP listeners answering datagrams now.
+    pub fn udp_listeners_serving(&self) -> usize {
+        self.state.udp_serving.load(Ordering::Relaxed)
+    }
+
+    /// Sources the UDP rate limiter tracks now.
+    pub fn udp_tracked_sources(&self) -> usize {
+        self.udp.tracked_sources()
     }
 
     /// Completes once the listeners are closed during shutdown.
@@ -210,7 +231,7 @@ impl Server {
         let mut sockets: Vec<(ListenSpec, TcpListener)> = Vec::new();
         let inherited = systemd::inherited_listeners()?;
         if inherited.is_empty() {
-            for spec in &config.listen {
+            for spec in config.listen.iter().filter(|s| s.scheme.is_stream()) {
                 let socket = net::bind_tcp(spec.addr, config.backlog)
                     .map_err(|source| Error::Bind { addr: spec.addr, source })?;
                 let bound = socket.local_addr().map_err(|source| Error::Bind { addr: spec.addr, source })?;
@@ -226,11 +247,28 @@ impl Server {
                 let spec = config
                     .listen
                     .iter()
-                    .find(|s| s.addr == addr)
+                    .find(|s| s.scheme.is_stream() && s.addr == addr)
                     .map_or_else(|| ListenSpec::tcp(addr), |s| s.clone());
                 sockets.push((spec.with_addr(addr), socket));
             }
         }
+        // UDP listeners always come from --listen (systemd passes stream sockets only).
+        let udp = config
+            .listen
+            .iter()
+            .filter(|s| !s.scheme.is_stream())
+            .map(|spec| {
+                UdpListener::bind(
+                    spec,
+                    config.worker_threads(),
+                    config.udp_socket_buffer,
+                    &accept.conn.metrics,
+                )
+                .map_err(|source| Error::Bind { addr: spec.addr, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let udp_shared =
+            Arc::new(udp::Shared::new(config.udp_rate_limit.0, Rules::new(&config.allow, &config.deny)));
         let hostname = banner::hostname();
         let mut listeners = Vec::with_capacity(sockets.len());
         for (spec, socket) in sockets {
@@ -258,6 +296,8 @@ impl Server {
 
         Ok(Server {
             listeners,
+            udp,
+            udp_shared,
             http,
             accept,
             state: Arc::new(ServerState::new()),
@@ -270,14 +310,21 @@ impl Server {
         })
     }
 
-    /// The addresses the echo listeners are bound to (with ephemeral ports resolved).
+    /// The addresses the stream (tcp, tls) echo listeners are bound to (with ephemeral ports
+    /// resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().map(|l| l.local_addr()).collect()
     }
 
-    /// The listeners as `--listen` spells them, with their bound addresses.
+    /// The addresses the UDP listeners are bound to (with ephemeral ports resolved).
+    pub fn udp_addrs(&self) -> Vec<SocketAddr> {
+        self.udp.iter().map(|l| l.local_addr()).collect()
+    }
+
+    /// The listeners as `--listen` spells them, with their bound addresses: the stream
+    /// listeners first, then the UDP ones.
     pub fn listeners(&self) -> Vec<ListenSpec> {
-        self.listeners.iter().map(|l| l.spec.clone()).collect()
+        self.listeners.iter().map(|l| l.spec.clone()).chain(self.udp.iter().map(|l| l.spec.clone())).collect()
     }
 
     /// The address of the HTTP endpoint, if metrics are on.
@@ -301,6 +348,7 @@ impl Server {
             state: self.state.clone(),
             tracker: self.accept.tracker.clone(),
             tls: self.tls.clone(),
+            udp: self.udp_shared.clone(),
         }
     }
 
@@ -308,6 +356,8 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> DrainReport {
         let Server {
             listeners,
+            udp,
+            udp_shared,
             http,
             accept,
             state,
@@ -330,6 +380,17 @@ impl Server {
         for listener in listeners {
             state.accepting.fetch_add(1, Ordering::Relaxed);
             supervisors.spawn(supervise(listener, accept.clone(), state.clone(), stop_accepting.clone()));
+        }
+        let mut udp_loops = Vec::new();
+        for listener in udp {
+            let spec = listener.spec.clone();
+            match listener.serve(udp_shared.clone()) {
+                Ok(loops) => {
+                    state.udp_serving.fetch_add(1, Ordering::Relaxed);
+                    udp_loops.push((spec, loops));
+                }
+                Err(err) => error!(listener = %spec, error = %err, "cannot serve the UDP listener"),
+            }
         }
         // After the listeners are counted as accepting: a probe that arrives the moment the
         // endpoint serves must not see "no listener is accepting".
@@ -358,6 +419,7 @@ impl Server {
         // Each supervisor owns its listener: when they have all returned, every listening socket
         // is closed and new connects are refused.
         while supervisors.join_next().await.is_some() {}
+        stop_udp(udp_loops, &state).await;
         conn.close_idle();
         tracker.close();
         let draining = tracker.len();
@@ -380,6 +442,22 @@ impl Server {
         tls_watch.cancel();
         info!(drained = draining.saturating_sub(closed_by_timeout), closed_by_timeout, "shutdown complete");
         DrainReport { draining, closed_by_timeout }
+    }
+}
+
+/// Ends the UDP listeners' loops, which closes their sockets: datagrams are no longer answered.
+async fn stop_udp(listeners: Vec<(ListenSpec, Vec<tokio::task::JoinHandle<()>>)>, state: &ServerState) {
+    for (spec, loops) in listeners {
+        for task in &loops {
+            task.abort();
+        }
+        for task in loops {
+            if tokio::time::timeout(UDP_STOP_GRACE, task).await.is_err() {
+                warn!(listener = %spec, "a UDP loop did not stop in time");
+            }
+        }
+        state.udp_serving.fetch_sub(1, Ordering::Relaxed);
+        info!(listener = %spec, "UDP listener closed");
     }
 }
 

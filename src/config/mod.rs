@@ -65,7 +65,9 @@ pub struct Config {
     /// TLS handshake); faults (per connection):
     /// `delay=DURATION`, `rate=BYTES` (per second), `stall_after=BYTES`, `close_after=BYTES`,
     /// `reset_after=BYTES` (a `MIN-MAX` range draws a point per connection),
-    /// `reset_probability=P`. In the environment, separate listeners with commas.
+    /// `reset_probability=P`. `udp://ADDR` is a UDP echo: every datagram goes back to its
+    /// source, once, unchanged (none by default: echod opens no UDP socket unless asked). In
+    /// the environment, separate listeners with commas.
     #[arg(
         long = "listen",
         value_name = "SPEC",
@@ -227,6 +229,20 @@ pub struct Config {
           value_parser = |s: &str| values::optional_duration_in(s, Duration::from_millis(100), MAX_PHASE))]
     pub tls_reload_interval: OptionalDuration,
 
+    /// Receive and send buffer of each UDP socket (`4MiB`, `256KiB`), room for bursts while a
+    /// worker is busy; datagrams arriving at a full buffer are lost. The kernel may cap it
+    /// (Linux: net.core.rmem_max and wmem_max), which echod logs at start.
+    #[arg(long, value_name = "SIZE", env = "ECHOD_UDP_SOCKET_BUFFER", default_value = "4MiB",
+          allow_hyphen_values = true, value_parser = parse_udp_socket_buffer)]
+    pub udp_socket_buffer: usize,
+
+    /// Datagrams per second each client may send to the UDP listeners, a token bucket with a
+    /// burst of the same size, per IPv4 address or IPv6 /64 (`off` disables). What exceeds it is
+    /// dropped unanswered, so echod cannot be used to flood a spoofed victim.
+    #[arg(long, value_name = "N|off", env = "ECHOD_UDP_RATE_LIMIT", default_value = "1000",
+          allow_hyphen_values = true, value_parser = parse_udp_rate_limit)]
+    pub udp_rate_limit: UdpRateLimit,
+
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz (`off` disables).
     #[arg(long, value_name = "ADDR|off", env = "ECHOD_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN,
           allow_hyphen_values = true, value_parser = values::optional_addr)]
@@ -267,6 +283,14 @@ pub enum BufferMemory {
     Bytes(u64),
 }
 
+/// `--udp-rate-limit`: datagrams per second per source, or no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpRateLimit(pub Option<u32>);
+
+/// Largest `--udp-rate-limit`: far above what one socket can answer, and small enough that the
+/// limiter's arithmetic (nanoseconds per datagram) stays exact.
+pub const MAX_UDP_RATE_LIMIT: u64 = 100_000_000;
+
 /// `--tcp-user-timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserTimeout {
@@ -276,11 +300,19 @@ pub enum UserTimeout {
 }
 
 fn parse_listen_spec(s: &str) -> Result<ListenSpec, String> {
-    let spec: ListenSpec = s.parse()?;
-    if !spec.scheme.is_stream() {
-        return Err(format!("the {}:// scheme is not supported yet", spec.scheme.as_str()));
+    s.parse()
+}
+
+fn parse_udp_socket_buffer(s: &str) -> Result<usize, String> {
+    // At least one largest datagram; at most what the socket option's int can say.
+    values::size_in(s, 64 << 10, 1 << 30).map(|n| n as usize)
+}
+
+fn parse_udp_rate_limit(s: &str) -> Result<UdpRateLimit, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(UdpRateLimit(None));
     }
-    Ok(spec)
+    values::count_in(s, 1, MAX_UDP_RATE_LIMIT).map(|n| UdpRateLimit(Some(n as u32)))
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -440,6 +472,8 @@ mod tests {
         assert_eq!(c.backlog, 1024);
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.banner.is_none());
+        assert_eq!(c.udp_socket_buffer, 4 << 20);
+        assert_eq!(c.udp_rate_limit, UdpRateLimit(Some(1000)));
     }
 
     #[test]
@@ -448,11 +482,34 @@ mod tests {
         assert_eq!(c.listen.len(), 2);
         assert!(c.listen[1].addr.is_ipv6());
         assert_eq!(c.listen[1].proxy, Some(ProxyVersion::V2));
-        assert!(error(&["--listen", "udp://127.0.0.1:7"]).contains("not supported yet"));
         let c =
             parse(&["--listen", "tls://127.0.0.1:0?proxy=v1", "--tls-cert", "c.pem", "--tls-key", "k.pem"]);
         assert_eq!(c.listen[0].scheme, Scheme::Tls);
         assert_eq!(c.listen[0].proxy, Some(ProxyVersion::V1));
+        let c = parse(&["--listen", "udp://127.0.0.1:7", "--listen", "udp://[::1]:0"]);
+        assert_eq!(c.listen[0].scheme, Scheme::Udp);
+        assert!(c.listen[1].addr.is_ipv6());
+    }
+
+    #[test]
+    fn udp_values_are_range_checked() {
+        let c = parse(&["--udp-socket-buffer", "256KiB", "--udp-rate-limit", "off"]);
+        assert_eq!(c.udp_socket_buffer, 256 << 10);
+        assert_eq!(c.udp_rate_limit, UdpRateLimit(None));
+        assert_eq!(parse(&["--udp-rate-limit", "5"]).udp_rate_limit, UdpRateLimit(Some(5)));
+        for (flag, value) in [
+            ("--udp-socket-buffer", "1KiB"),
+            ("--udp-socket-buffer", "2GiB"),
+            ("--udp-socket-buffer", "-1MiB"),
+            ("--udp-socket-buffer", "lots"),
+            ("--udp-rate-limit", "0"),
+            ("--udp-rate-limit", "-5"),
+            ("--udp-rate-limit", "100000001"),
+            ("--udp-rate-limit", "fast"),
+        ] {
+            let message = error(&[flag, value]);
+            assert!(message.contains(flag), "{flag} {value}: {message}");
+        }
     }
 
     #[test]

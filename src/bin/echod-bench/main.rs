@@ -22,6 +22,7 @@ mod run;
 mod stats;
 mod stream;
 mod tls;
+mod udp;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -221,6 +222,8 @@ enum Mode {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// UDP: sockets keep K datagrams in flight (or send at --rate); every one is checked.
+    Udp(udp::Args),
 }
 
 impl Mode {
@@ -232,6 +235,7 @@ impl Mode {
             Mode::Handshake { .. } => "handshake",
             Mode::Hold => "hold",
             Mode::Merge { .. } => "merge",
+            Mode::Udp(_) => "udp",
         }
     }
 }
@@ -328,6 +332,9 @@ fn main() -> ExitCode {
         return echod::generate::print(kind, Cli::command());
     }
     let cli = Cli::parse();
+    if let Mode::Udp(args) = &cli.mode {
+        return udp::main(&cli, args);
+    }
     if let Mode::Merge { files } = &cli.mode {
         return merge::main(files, cli.json);
     }
@@ -434,6 +441,7 @@ fn main() -> ExitCode {
         Mode::Pingpong { .. } => "msgs",
         Mode::Stream { .. } => "chunks",
         Mode::Handshake { .. } => "handshakes",
+        Mode::Udp(_) => unreachable!("udp::main runs the udp mode"),
         _ => "conns",
     };
     let progress_duration = match cli.mode {
@@ -498,6 +506,7 @@ fn main() -> ExitCode {
                 (elapsed, Some(report))
             }
             Mode::Merge { .. } => unreachable!("merge returned above"),
+            Mode::Udp(_) => unreachable!("udp::main runs the udp mode"),
         };
         (elapsed, hold, late)
     });
@@ -513,6 +522,7 @@ fn main() -> ExitCode {
         Mode::Stream { size } => (Some(size), None),
         Mode::Churn { size, .. } | Mode::Handshake { size, .. } => (Some(size), churn_rate),
         Mode::Hold | Mode::Merge { .. } => (None, None),
+        Mode::Udp(_) => unreachable!("udp::main runs the udp mode"),
     };
     let (window_start, window_end) = {
         let marks = run.marks.lock().unwrap_or_else(|p| p.into_inner());
