@@ -36,6 +36,12 @@ CONTRACT = {
     "echod_accept_errors_total": ("counter", {"kind"}, True),
     "echod_max_connections": ("gauge", set(), False),
     "echod_draining": ("gauge", set(), False),
+    "echod_connections_rejected_total": ("counter", {"reason"}, False),
+    "echod_handshake_failures_total": ("counter", {"stage"}, False),
+    "echod_connections_copying": ("gauge", set(), False),
+    "echod_listeners_accepting": ("gauge", set(), False),
+    "echod_buffer_memory_bytes": ("gauge", set(), False),
+    "echod_buffer_memory_limit_bytes": ("gauge", set(), False),
     # only on a server with a tls:// listener (the live check runs plain TCP)
     "echod_tls_certificate_expiry_timestamp_seconds": ("gauge", set(), True),
     "echod_tls_reloads_total": ("counter", {"result"}, True),
@@ -61,11 +67,13 @@ LABEL_VALUES = {
     "reason": {"eof", "reset", "idle_timeout", "shutdown", "error", "handshake_failed", "rejected",
                "injected_close", "injected_reset"},
     "result": {"ok", "error"},
+    "stage": {"proxy", "tls"},
     "kind": {"connection_aborted", "too_many_open_files", "no_buffers", "out_of_memory", "other"},
 }
 # Label values of one metric where they differ from LABEL_VALUES' (same label, other meaning).
 METRIC_LABEL_VALUES = {
     "echod_udp_datagrams_dropped_total": {"reason": {"reserved_port", "rate_limited", "send_error", "denied"}},
+    "echod_connections_rejected_total": {"reason": {"denied", "per_source_limit", "connect_rate", "untrusted_proxy"}},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
