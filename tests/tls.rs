@@ -342,6 +342,9 @@ async fn exact_echo_over_tls_1_2_and_1_3_up_to_16_mib_counted_in_plaintext() {
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
         let mut stream = connect(server.addr, client_config(&pki, Some(version), None)).await;
         assert_eq!(stream.get_ref().1.protocol_version(), Some(version.version));
+        // The server's preference wins over the client's (which lists AES-256-GCM first).
+        let suite = stream.get_ref().1.negotiated_cipher_suite().expect("a negotiated suite");
+        assert!(format!("{:?}", suite.suite()).contains("AES_128_GCM"), "negotiated {:?}", suite.suite());
         assert_eq!(echo(&mut stream, &all_values).await, all_values);
         total += all_values.len();
         for (i, size) in sizes.into_iter().enumerate() {

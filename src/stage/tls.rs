@@ -110,7 +110,7 @@ pub struct Certificates {
 impl Certificates {
     /// Loads the files for the first time: any problem is an error (echod does not start).
     pub fn load(files: TlsFiles, metrics: TlsMetrics) -> Result<Certificates, LoadError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let contents = read(&files)?;
         let material = build(&files, &contents, &provider)?;
         warn_if_not_current(&material.info);
@@ -281,8 +281,31 @@ fn build(
         }
         _ => builder.with_no_client_auth(),
     };
-    let config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    // The server's order of cipher suites, not the client's: see `provider`.
+    config.ignore_client_order = true;
     Ok(Material { config: Arc::new(config), info })
+}
+
+/// ring's provider with the AES-128-GCM suites first (then its own order). Clients commonly list
+/// AES-256-GCM first; AES-128-GCM is as safe for an echo's traffic and costs about a third less
+/// CPU per byte (10 AES rounds instead of 14), which is most of what TLS adds to bulk echo.
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::CipherSuite::{
+        TLS13_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    };
+    let mut provider = rustls::crypto::ring::default_provider();
+    // A stable sort: AES-128-GCM suites (key false) first, the rest in ring's order.
+    provider.cipher_suites.sort_by_key(|suite| {
+        !matches!(
+            suite.suite(),
+            TLS13_AES_128_GCM_SHA256
+                | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    provider
 }
 
 /// Serial, subject and notAfter of a certificate.
