@@ -591,6 +591,15 @@ async fn flood_from_distinct_sources(
     }
 }
 
+/// The built echod with these arguments only (no TCP listener unless they give one), logging at
+/// info, its stderr piped.
+fn echod_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echod"));
+    command.args(args).env("RUST_LOG", "info").env("NO_COLOR", "1");
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    command
+}
+
 /// The built echod with the given arguments (and no TCP listener), its UDP and metrics
 /// addresses read from its start-up lines.
 struct Binary {
@@ -604,25 +613,7 @@ struct Binary {
 
 impl Binary {
     fn start(args: &[&str]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_echod"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start echod");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (child, log) = common::spawn_logged(&mut echod_command(args));
         let (mut udp, mut metrics) = (Vec::new(), None);
         loop {
             let line = log.recv_timeout(TIMEOUT).expect("echod logs its start-up");
@@ -1074,25 +1065,14 @@ fn a_capped_socket_buffer_is_logged() {
         eprintln!("skipped: net.core.rmem_max ({rmem_max}) does not cap 1 GiB");
         return;
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_echod"))
-        .args(["--listen", "udp://127.0.0.1:0", "--udp-socket-buffer", "1GiB", "--metrics-listen", "off"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start echod");
-    let stderr = child.stderr.take().expect("stderr piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = common::spawn_logged(&mut echod_command(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--udp-socket-buffer",
+        "1GiB",
+        "--metrics-listen",
+        "off",
+    ]));
     let mut capped = None;
     loop {
         let line = rx.recv_timeout(TIMEOUT).expect("echod logs its start-up");

@@ -288,17 +288,7 @@ impl Binary {
     }
 
     pub fn start_command(mut command: Command) -> Binary {
-        let mut child = command.spawn().expect("start echod");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (child, log) = spawn_logged(&mut command);
         let mut addr = None;
         let mut metrics_addr = None;
         loop {
@@ -345,6 +335,23 @@ impl Binary {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Spawns `command` (its stderr piped) and a thread that forwards its log lines, for as long as
+/// the receiver lives (so the process never blocks on a full pipe).
+pub fn spawn_logged(command: &mut Command) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = command.spawn().expect("start echod");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, log) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, log)
 }
 
 impl Drop for Binary {
