@@ -408,7 +408,9 @@ mod tests {
         let copy = copy_phase(start, ctx);
         let copy_size = std::mem::size_of_val(&*copy);
         println!("copy phase state: {copy_size} bytes");
-        assert!(copy_size <= 768, "copy phase state is {copy_size} bytes");
+        // Windows' socket type is a little larger (784 bytes measured under Wine).
+        let bound = if cfg!(windows) { 800 } else { 768 };
+        assert!(copy_size <= bound, "copy phase state is {copy_size} bytes");
         drop((task, client));
     }
 

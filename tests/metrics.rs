@@ -174,8 +174,10 @@ async fn closes_are_counted_by_reason() {
     eof.shutdown().await.unwrap();
     assert!(read_to_eof(&mut eof).await.is_empty());
 
-    // reset: the client aborts with an RST.
-    let reset = server.connect().await;
+    // reset: the client aborts with an RST, after an echo (so echod has surely accepted it:
+    // a connection reset before the accept never becomes one).
+    let mut reset = server.connect().await;
+    assert_eq!(echo(&mut reset, b"r").await, b"r");
     set_reset_on_close(&reset);
     drop(reset);
 

@@ -58,7 +58,17 @@ impl TempDir {
     fn write(&self, name: &str, contents: &[u8]) {
         let staging = self.path(&format!(".{name}.new"));
         std::fs::write(&staging, contents).expect("write a test file");
-        std::fs::rename(&staging, self.path(name)).expect("rename a test file into place");
+        // Windows refuses to replace a file another process is reading at that moment (echod's
+        // poll of the files): try again, a bounded number of times.
+        let mut tries = 0;
+        while let Err(err) = std::fs::rename(&staging, self.path(name)) {
+            tries += 1;
+            assert!(
+                cfg!(windows) && err.kind() == io::ErrorKind::PermissionDenied && tries < 100,
+                "rename a test file into place: {err}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

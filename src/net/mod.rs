@@ -112,7 +112,14 @@ impl ClientOptions {
                 windows
             ))]
             let keepalive = keepalive.with_retries(k.count);
+            #[cfg(not(windows))]
             socket.set_tcp_keepalive(&keepalive)?;
+            // Windows before 10 (1703), and Wine, lack TCP_KEEPCNT: there the idle time and the
+            // interval are kept, with the platform's own probe count.
+            #[cfg(windows)]
+            if socket.set_tcp_keepalive(&keepalive).is_err() {
+                socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(k.idle).with_interval(k.interval))?;
+            }
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(timeout) = self.user_timeout {
