@@ -80,22 +80,23 @@ impl EchoStream for TcpStream {
 /// * Readiness: rustls may already hold decrypted plaintext (records that arrived with the
 ///   handshake's last flight, or with a read that filled the copy's buffer) or a close_notify
 ///   the socket will never announce again; then a read makes progress without the socket
-///   becoming readable. `wants_read` is false exactly then (after the handshake).
+///   becoming readable. `wants_read` is false exactly then (after the handshake). Likewise
+///   when the read-ahead below rustls holds bytes the socket has already delivered.
 /// * A peer that closes TCP without a close_notify (rustls: `UnexpectedEof`) has finished
 ///   sending, as with a FIN: everything pending is echoed, then echod's close_notify and FIN.
-impl EchoStream for tokio_rustls::server::TlsStream<TcpStream> {
+impl EchoStream for crate::stage::tls::Session {
     const BUFFERED_WRITES: bool = true;
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (tcp, session) = self.get_ref();
-        if !session.is_handshaking() && !session.wants_read() {
+        let (io, session) = self.get_ref();
+        if !session.is_handshaking() && !session.wants_read() || io.buffered() > 0 {
             return Poll::Ready(Ok(()));
         }
-        tcp.poll_read_ready(cx)
+        io.tcp().poll_read_ready(cx)
     }
 
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        self.get_ref().0.tcp()
     }
 
     fn is_end_of_stream(err: &io::Error) -> bool {
@@ -115,7 +116,8 @@ impl EchoStream for tokio_rustls::server::TlsStream<TcpStream> {
         }
         // Pending records (at most rustls' 64 KiB buffer) go first; a few writes at most.
         const MOST_WRITES: usize = 8;
-        let (tcp, session) = self.get_mut();
+        let (io, session) = self.get_mut();
+        let tcp = io.tcp();
         session.send_close_notify();
         for _ in 0..MOST_WRITES {
             if !session.wants_write() {

@@ -1,7 +1,9 @@
 //! Sockets: binding listeners (the echo listeners and the HTTP endpoint alike), the options of
-//! client sockets, and the policy for accept errors ([`accept_policy`]).
+//! client sockets, the policy for accept errors ([`accept_policy`]), and a read-ahead for TLS
+//! sessions ([`read_ahead`]).
 
 pub mod accept_policy;
+pub mod read_ahead;
 
 use std::io;
 use std::net::SocketAddr;

@@ -40,6 +40,10 @@ use tracing::{error, info, warn};
 
 use crate::config::TlsFiles;
 use crate::metrics::TlsMetrics;
+use crate::net::read_ahead::ReadAhead;
+
+/// The server side of a TLS session, over a socket that reads ahead for rustls' small reads.
+pub(crate) type Session = TlsStream<ReadAhead>;
 
 /// Why TLS material did not load: the flag and file at fault, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,7 +329,7 @@ pub fn subject(cert: &CertificateDer<'_>) -> Option<String> {
 }
 
 /// The subject of the certificate the client presented, if it presented one.
-pub fn client_subject(stream: &TlsStream<TcpStream>) -> Option<String> {
+pub(crate) fn client_subject(stream: &Session) -> Option<String> {
     stream.get_ref().1.peer_certificates()?.first().and_then(|cert| subject(cert))
 }
 
@@ -355,9 +359,9 @@ pub(crate) struct TlsStage {
 
 /// The server side of the handshake, with the configuration in force now, bounded by the
 /// handshake timeout. On failure, why (for the debug log); the socket is closed then.
-pub(crate) async fn handshake(stage: &TlsStage, stream: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+pub(crate) async fn handshake(stage: &TlsStage, stream: TcpStream) -> Result<Session, String> {
     let acceptor = tokio_rustls::TlsAcceptor::from(stage.certificates.config());
-    match tokio::time::timeout(stage.timeout, acceptor.accept(stream)).await {
+    match tokio::time::timeout(stage.timeout, acceptor.accept(ReadAhead::new(stream))).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(err)) => Err(err.to_string()),
         Err(_elapsed) => {
@@ -367,7 +371,7 @@ pub(crate) async fn handshake(stage: &TlsStage, stream: TcpStream) -> Result<Tls
 }
 
 /// The negotiated version and cipher suite, for the debug log.
-pub(crate) fn negotiated(stream: &TlsStream<TcpStream>) -> String {
+pub(crate) fn negotiated(stream: &Session) -> String {
     let session = stream.get_ref().1;
     let version = session.protocol_version().map_or_else(|| "?".to_string(), |v| format!("{v:?}"));
     let suite =

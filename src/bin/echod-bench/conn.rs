@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use echod::net::read_ahead::ReadAhead;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -17,7 +18,8 @@ use crate::stats::{ErrorKind, Failure};
 #[derive(Debug)]
 pub enum Conn {
     Tcp(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Over a read-ahead socket, like echod's own sessions: rustls reads 4 KiB at a time.
+    Tls(Box<tokio_rustls::client::TlsStream<ReadAhead>>),
 }
 
 impl Conn {
@@ -25,7 +27,7 @@ impl Conn {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Conn::Tcp(s) => s,
-            Conn::Tls(s) => s.get_ref().0,
+            Conn::Tls(s) => s.get_ref().0.tcp(),
         }
     }
 }

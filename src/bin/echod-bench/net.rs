@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use echod::net::read_ahead::ReadAhead;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -96,7 +97,7 @@ impl Connector {
         let mut conn = match &self.tls {
             None => Conn::Tcp(tcp),
             Some(tls) => {
-                let handshake = tls.connector.connect(tls.name.clone(), tcp);
+                let handshake = tls.connector.connect(tls.name.clone(), ReadAhead::new(tcp));
                 match tokio::time::timeout(self.timeout, handshake).await {
                     Ok(Ok(stream)) => {
                         stats.tls_version(stream.get_ref().1.protocol_version());
