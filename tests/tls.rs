@@ -543,6 +543,96 @@ async fn data_in_the_same_segment_as_the_handshake_is_echoed_at_once() {
     server.shutdown().await;
 }
 
+/// A record that fails to decrypt, arriving right behind a good one (one write, one segment),
+/// where echod takes several records per read: the session ends at once with an alert or a
+/// close, counted as an error, and nothing of the bad record is echoed. (What was decrypted
+/// just before it may be lost with the session: rustls fails the whole read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_ends_the_session_and_nothing_of_it_is_echoed() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let dir = TempDir::new("corrupt-record");
+    pki.write_files(&dir, 1);
+    let server = start(&dir, "tls://127.0.0.1:0", &[]).await;
+    let addr = server.addr;
+    // More than rustls reads at once (4 KiB), so the bad record is still unread when the good
+    // one is handed out.
+    let good = pattern(12 * 1024, 7);
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let config = client_config(&pki, Some(version), None);
+        let sent = good.clone();
+        let (back, end) = tokio::task::spawn_blocking(move || {
+            let good = sent;
+            let name = ServerName::try_from("localhost").expect("a server name");
+            let mut session = rustls::ClientConnection::new(config, name).expect("a client session");
+            let mut socket = std::net::TcpStream::connect(addr).expect("connect");
+            socket.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+            while session.is_handshaking() {
+                while session.wants_write() {
+                    session.write_tls(&mut socket).expect("send handshake");
+                }
+                if session.is_handshaking() {
+                    session.read_tls(&mut socket).expect("read handshake");
+                    session.process_new_packets().expect("handshake");
+                }
+            }
+            while session.wants_write() {
+                session.write_tls(&mut socket).expect("send the Finished");
+            }
+            let mut records = Vec::new();
+            session.writer().write_all(&good).expect("queue the good record");
+            while session.wants_write() {
+                session.write_tls(&mut records).expect("encode");
+            }
+            let good_end = records.len();
+            session.writer().write_all(b"never echoed").expect("queue the bad record");
+            while session.wants_write() {
+                session.write_tls(&mut records).expect("encode");
+            }
+            assert!(records.len() > good_end, "the second record was encoded");
+            // The last byte is the bad record's authentication tag.
+            let last = records.len() - 1;
+            records[last] ^= 0x55;
+            socket.write_all(&records).expect("send both records at once");
+            let mut back = Vec::new();
+            let end = loop {
+                match session.reader().read_to_end(&mut back) {
+                    Ok(_) => break "close_notify".to_string(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => break format!("read: {e}"),
+                }
+                assert!(back.len() <= good.len(), "more came back than the good record");
+                match session.read_tls(&mut socket) {
+                    Ok(0) => break "TCP closed".to_string(),
+                    Ok(_) => {}
+                    Err(e) => break format!("socket: {e}"),
+                }
+                if let Err(e) = session.process_new_packets() {
+                    // The server's alert; what was decrypted before it is still readable.
+                    let _ = session.reader().read_to_end(&mut back);
+                    break format!("alert: {e}");
+                }
+            };
+            (back, end)
+        })
+        .await
+        .expect("client thread");
+        assert!(
+            good.starts_with(&back),
+            "{:?}: {} bytes back are not a prefix of the good record ({end})",
+            version.version,
+            back.len()
+        );
+        assert!(
+            end.starts_with("alert") || end.starts_with("TCP closed"),
+            "{:?}: the session did not end with an alert or a close: {end}",
+            version.version
+        );
+    }
+    closed(&server, "error", 2.0).await;
+    server.shutdown().await;
+}
+
 // ------------------------------------------------------------------------------------------
 // Handshakes
 

@@ -34,16 +34,13 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::TlsFiles;
 use crate::metrics::TlsMetrics;
 use crate::net::read_ahead::ReadAhead;
-
-/// The server side of a TLS session, over a socket that reads ahead for rustls' small reads.
-pub(crate) type Session = TlsStream<ReadAhead>;
+use crate::stage::tls_session::Session;
 
 /// Why TLS material did not load: the flag and file at fault, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,7 +327,7 @@ pub fn subject(cert: &CertificateDer<'_>) -> Option<String> {
 
 /// The subject of the certificate the client presented, if it presented one.
 pub(crate) fn client_subject(stream: &Session) -> Option<String> {
-    stream.get_ref().1.peer_certificates()?.first().and_then(|cert| subject(cert))
+    stream.connection().peer_certificates()?.first().and_then(|cert| subject(cert))
 }
 
 /// Serving an expired certificate is allowed (testers do it on purpose), but said.
@@ -362,7 +359,7 @@ pub(crate) struct TlsStage {
 pub(crate) async fn handshake(stage: &TlsStage, stream: TcpStream) -> Result<Session, String> {
     let acceptor = tokio_rustls::TlsAcceptor::from(stage.certificates.config());
     match tokio::time::timeout(stage.timeout, acceptor.accept(ReadAhead::new(stream))).await {
-        Ok(Ok(stream)) => Ok(stream),
+        Ok(Ok(stream)) => Ok(Session::new(stream)),
         Ok(Err(err)) => Err(err.to_string()),
         Err(_elapsed) => {
             Err(format!("no complete TLS handshake within {}", humantime::format_duration(stage.timeout)))
@@ -372,7 +369,7 @@ pub(crate) async fn handshake(stage: &TlsStage, stream: TcpStream) -> Result<Ses
 
 /// The negotiated version and cipher suite, for the debug log.
 pub(crate) fn negotiated(stream: &Session) -> String {
-    let session = stream.get_ref().1;
+    let session = stream.connection();
     let version = session.protocol_version().map_or_else(|| "?".to_string(), |v| format!("{v:?}"));
     let suite =
         session.negotiated_cipher_suite().map_or_else(|| "?".to_string(), |s| format!("{:?}", s.suite()));
