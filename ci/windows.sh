@@ -5,6 +5,10 @@
 # manager (ci/windows/service.py). Run from the repository root:
 #
 #     bash ci/windows.sh
+#     bash ci/windows.sh --install-only   only install the packages
+#     bash ci/windows.sh --build-only     only the cross-build (packages installed): ci/test runs
+#                                         it in the background while other stages wait on I/O,
+#                                         and the full run after it finds the build done
 #
 # Environment (all optional):
 #   ECHOD_WINDOWS_TARGET_DIR  cargo target dir for the Windows build (default: target/windows);
@@ -18,6 +22,11 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
+MODE=${1:-all}
+case "$MODE" in
+    all | --install-only | --build-only) ;;
+    *) echo "usage: ci/windows.sh [--install-only | --build-only]" >&2; exit 2 ;;
+esac
 TARGET=x86_64-pc-windows-gnu
 TRIPLE_ENV=X86_64_PC_WINDOWS_GNU
 PACKAGES=(rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 wine64)
@@ -88,6 +97,9 @@ else
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     echo "installed: ${missing[*]}"
 fi
+if [[ $MODE == --install-only ]]; then
+    exit 0
+fi
 
 # ---------------------------------------------------------------------------------------------
 stage "toolchain"
@@ -130,6 +142,14 @@ exports=$(x86_64-w64-mingw32-objdump -p "$SHIM")
 echo "built $SHIM"
 
 # ---------------------------------------------------------------------------------------------
+if [[ $MODE == --build-only ]]; then
+    stage "cross-build echod.exe and the test binaries"
+    "$CARGO" test "${BUILD_STD[@]}" --tests --no-run
+    "$CARGO" build "${BUILD_STD[@]}" --bin echod
+    print_timings
+    exit 0
+fi
+
 stage "Wine prefix (started in the background)"
 export WINEPREFIX=$CARGO_TARGET_DIR/wine
 export WINEDEBUG=-all
