@@ -74,6 +74,25 @@ async fn idle_timeout_closes_idle_connections_only() {
     server.shutdown().await;
 }
 
+/// The idle clock runs from the last byte, not from the connect: a client that waits before it
+/// speaks still gets the whole timeout after its last echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_counts_from_the_last_echo_not_from_the_connect() {
+    let idle = Duration::from_millis(400);
+    let server = TestServer::start(&["--idle-timeout", "400ms"]).await;
+    let mut late = server.connect().await;
+    // Quiet on purpose, for most of the timeout: that is the behaviour under test.
+    tokio::time::sleep(idle * 3 / 4).await;
+    let since = Instant::now();
+    assert_eq!(echo(&mut late, b"at last").await, b"at last");
+    let rest =
+        tokio::time::timeout(TIMEOUT, read_to_eof(&mut late)).await.expect("closed within the timeout");
+    let after = since.elapsed();
+    assert!(rest.is_empty());
+    assert!(after >= idle, "closed {after:?} after the last echo, before the {idle:?} timeout");
+    server.shutdown().await;
+}
+
 /// A connection stuck because its client never reads counts as idle too: nothing moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_also_closes_a_stalled_connection() {

@@ -167,10 +167,14 @@ impl<'a> Watch<'a> {
         // a cancellation future locks the token's shared mutex every time it is polled, and
         // this is polled on every wake of every busy connection.
         std::future::poll_fn(move |cx| {
+            // The idle clock of the next phase runs from the last traffic: bytes moved since the
+            // last tick moved just now (a phase often ends right after its last echo, before any
+            // tick saw it).
             macro_rules! end {
-                ($end:expr) => {
-                    Poll::Ready(($end, published, last_activity))
-                };
+                ($end:expr) => {{
+                    let last = if traffic.totals() != seen { Instant::now() } else { last_activity };
+                    Poll::Ready(($end, published, last))
+                }};
             }
             let mut polls = 0;
             loop {
