@@ -484,6 +484,30 @@ async fn idle_timeout_and_drain_end_the_session_cleanly() {
     assert!(rest.is_empty());
 }
 
+/// A blocking rustls client through its handshake, on a socket with a 5 s read timeout. The
+/// client's last flight may still be queued (TLS 1.3's Finished): the caller decides how it
+/// leaves.
+fn blocking_handshake(
+    config: Arc<ClientConfig>,
+    addr: SocketAddr,
+) -> (rustls::ClientConnection, std::net::TcpStream) {
+    let name = ServerName::try_from("localhost").expect("a server name");
+    let mut session = rustls::ClientConnection::new(config, name).expect("a client session");
+    let mut socket = std::net::TcpStream::connect(addr).expect("connect");
+    socket.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+    socket.set_nodelay(true).expect("nodelay");
+    while session.is_handshaking() {
+        while session.wants_write() {
+            session.write_tls(&mut socket).expect("send handshake");
+        }
+        if session.is_handshaking() {
+            session.read_tls(&mut socket).expect("read handshake");
+            session.process_new_packets().expect("handshake");
+        }
+    }
+    (session, socket)
+}
+
 /// Data that arrives with the client's last handshake flight is decrypted by rustls during the
 /// handshake, and the socket never announces it again: echod must echo it anyway. A blocking
 /// rustls client sends its Finished and the data in one write.
@@ -498,20 +522,7 @@ async fn data_in_the_same_segment_as_the_handshake_is_echoed_at_once() {
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let config = client_config(&pki, Some(version), None);
         let back = tokio::task::spawn_blocking(move || {
-            let name = ServerName::try_from("localhost").expect("a server name");
-            let mut session = rustls::ClientConnection::new(config, name).expect("a client session");
-            let mut socket = std::net::TcpStream::connect(addr).expect("connect");
-            socket.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
-            socket.set_nodelay(true).expect("nodelay");
-            while session.is_handshaking() {
-                while session.wants_write() {
-                    session.write_tls(&mut socket).expect("send handshake");
-                }
-                if session.is_handshaking() {
-                    session.read_tls(&mut socket).expect("read handshake");
-                    session.process_new_packets().expect("handshake");
-                }
-            }
+            let (mut session, mut socket) = blocking_handshake(config, addr);
             // The Finished is still queued: the data goes out in the same write.
             session.writer().write_all(b"early bird").expect("queue data");
             let mut queued = Vec::new();
@@ -563,19 +574,7 @@ async fn a_corrupt_record_ends_the_session_and_nothing_of_it_is_echoed() {
         let sent = good.clone();
         let (back, end) = tokio::task::spawn_blocking(move || {
             let good = sent;
-            let name = ServerName::try_from("localhost").expect("a server name");
-            let mut session = rustls::ClientConnection::new(config, name).expect("a client session");
-            let mut socket = std::net::TcpStream::connect(addr).expect("connect");
-            socket.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
-            while session.is_handshaking() {
-                while session.wants_write() {
-                    session.write_tls(&mut socket).expect("send handshake");
-                }
-                if session.is_handshaking() {
-                    session.read_tls(&mut socket).expect("read handshake");
-                    session.process_new_packets().expect("handshake");
-                }
-            }
+            let (mut session, mut socket) = blocking_handshake(config, addr);
             while session.wants_write() {
                 session.write_tls(&mut socket).expect("send the Finished");
             }
