@@ -628,6 +628,22 @@ async fn a_corrupt_record_ends_the_session_and_nothing_of_it_is_echoed() {
             version.version
         );
     }
+    // Both sessions are closed and counted. Which reason is a race: a bad record that arrives
+    // while the handshake is finishing fails the handshake (handshake_failed); one that arrives
+    // after it fails a read (error); or the client's close after the alert gets there first
+    // (eof or reset).
+    common::eventually_saw("2 sessions closed", || {
+        let n: f64 = ["handshake_failed", "error", "eof", "reset"]
+            .iter()
+            .map(|r| value(&server, "echod_connections_closed_total", &format!("reason=\"{r}\"")))
+            .sum();
+        if n == 2.0 {
+            Ok(())
+        } else {
+            Err(format!("{n}"))
+        }
+    })
+    .await;
     server.shutdown().await;
 }
 
