@@ -37,7 +37,8 @@ pub const INITIAL_BUFFER: usize = 1024;
 /// streams; the loop and two copy buffers bound a connection's echo memory at three times this.
 pub const MAX_BUFFER: usize = 256 * 1024;
 
-/// A client stream the echo runs over: a TCP socket, or a TLS session on one.
+/// A client stream the echo runs over: a TCP socket (below), or a TLS session on one (its impl
+/// is beside the session, in `stage/tls_session.rs`).
 pub(crate) trait EchoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Writes are buffered in the stream (TLS records) until flushed.
     const BUFFERED_WRITES: bool;
@@ -72,5 +73,3 @@ impl EchoStream for TcpStream {
         self
     }
 }
-
-// The TLS session implements it beside its own code, in the stage that makes it (stage/tls_session.rs).

@@ -120,7 +120,7 @@ impl EchoStream for Session {
     const BUFFERED_WRITES: bool = true;
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.deferred.is_some() || !self.connection().is_handshaking() && self.more_at_hand() {
+        if self.deferred.is_some() || (!self.connection().is_handshaking() && self.more_at_hand()) {
             return Poll::Ready(Ok(()));
         }
         self.tcp().poll_read_ready(cx)
