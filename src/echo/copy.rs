@@ -274,9 +274,17 @@ impl<S: EchoStream> AsyncRead for Metered<'_, S> {
     ) -> Poll<io::Result<()>> {
         let traffic = self.traffic;
         // A read with everything echoed is the safe point to end the copy: both buffers and
-        // the loop are empty, so dropping the copy loses nothing.
-        if traffic.grow.load(Relaxed) && traffic.balanced() {
-            return Poll::Ready(Err(GrowPoint::error()));
+        // the loop are empty, so dropping the copy loses nothing. Until then the reader holds
+        // off: a client that always has more on the way (a stream the server only just keeps
+        // up with) would otherwise never let the echo catch up, and run at the first size for
+        // good. The write that catches up has the copy polled again (`note_echo_progress`).
+        if traffic.grow.load(Relaxed) {
+            traffic.grow_wanted.store(false, Relaxed);
+            if traffic.balanced() {
+                return Poll::Ready(Err(GrowPoint::error()));
+            }
+            traffic.grow_parked.store(true, Relaxed);
+            return Poll::Pending;
         }
         let before = buf.filled().len();
         match Pin::new(&mut *self.stream).poll_read(cx, buf) {
@@ -316,6 +324,8 @@ impl<S: EchoStream> AsyncWrite for Metered<'_, S> {
             Traffic::add(&self.traffic.sent, n);
             if S::BUFFERED_WRITES {
                 self.traffic.unflushed.store(true, Relaxed);
+            } else {
+                self.traffic.note_echo_progress();
             }
         }
         result
@@ -325,11 +335,71 @@ impl<S: EchoStream> AsyncWrite for Metered<'_, S> {
         let result = Pin::new(&mut *self.stream).poll_flush(cx);
         if S::BUFFERED_WRITES && matches!(result, Poll::Ready(Ok(()))) {
             self.traffic.unflushed.store(false, Relaxed);
+            self.traffic.note_echo_progress();
         }
         result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::echo::ring::Plain;
+    use crate::echo::INITIAL_BUFFER;
+    use crate::metrics::{Registry, ServerMetrics};
+
+    /// A client that always has more on the way never gives the echo a moment to catch up by
+    /// itself (each read finds data before the last one is echoed). The phase must still reach
+    /// its growth point right after the first full read, not run on at the first size until
+    /// the client pauses: a server that only just keeps up would never grow its buffers.
+    #[tokio::test]
+    async fn a_phase_grows_while_the_client_always_has_more_to_read() {
+        const QUEUED: usize = 64 * 1024;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        client.write_all(&[7; QUEUED]).await.expect("write");
+        // Everything queued at the server before the phase starts: its first 64 reads of 1 KiB
+        // all find data at once.
+        let queued = async {
+            let mut peeked = vec![0; QUEUED];
+            loop {
+                server.readable().await.expect("readable");
+                if server.peek(&mut peeked).await.expect("peek") == QUEUED {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), queued).await.expect("data queued at the server");
+
+        let metrics = ServerMetrics::new(Some(Registry::new()), 1);
+        let ctx = Arc::new(ConnContext::new(Arc::new(metrics), None, Budget::new(1 << 20, INITIAL_BUFFER)));
+        let start = PhaseStart {
+            stream: server,
+            pace: Plain,
+            published: Published::default(),
+            size: INITIAL_BUFFER,
+            end_when_drained: false,
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), copy_phase(start, ctx))
+            .await
+            .expect("the phase ends");
+        assert!(matches!(outcome.end, PhaseEnd::Grow), "the phase ends to grow");
+        let Published { received, sent } = outcome.published;
+        assert_eq!(received, sent, "everything read was echoed before the phase ended");
+        assert!(
+            received <= 4 * INITIAL_BUFFER as u64,
+            "grew after {received} bytes, not right after the first full read"
+        );
     }
 }
