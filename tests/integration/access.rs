@@ -1,12 +1,9 @@
 //! Access control and per-source limits against the real server on loopback. Clients differ by
 //! source address (127.0.0.2, 127.0.0.3, ...: Linux routes all of 127.0.0.0/8 to loopback).
-#![cfg(target_os = "linux")]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect_from, echo, metric, refused_from, Binary, TestServer, TIMEOUT};
+use crate::common::{self, connect_from, echo, metric, refused_from, Binary, TestServer, TIMEOUT};
 use tokio::io::AsyncWriteExt;
 
 async fn served_from(source: &str, server: &TestServer) -> tokio::net::TcpStream {
