@@ -2,15 +2,12 @@
 //! connected clients keep echoing; the shutdown timeout closes stragglers; a second signal exits
 //! at once with 130/143; `--shutdown-delay` keeps accepting while `/readyz` says 503; and
 //! systemd socket activation serves on a socket passed as fd 3.
-#![cfg(unix)]
-
-mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{pattern, Binary, TIMEOUT};
+use crate::common::{self, pattern, Binary, TIMEOUT};
 
 /// Connects with a bounded wait and a read/write timeout on the socket.
 fn connect(addr: SocketAddr) -> TcpStream {

@@ -1,9 +1,6 @@
 //! Running out of file descriptors: with a tiny open-files limit and a flood of clients, accept
 //! fails with EMFILE. echod must back off instead of spinning on the still-readable listener,
 //! rate-limit its log, stay alive, and serve again once descriptors return.
-#![cfg(target_os = "linux")]
-
-mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use common::Binary;
+use crate::common::{self, Binary};
 
 /// Open-files limit (soft and hard) for echod in this test.
 const OPEN_FILES: libc::rlim_t = 64;

@@ -3,12 +3,10 @@
 //! malformed or late headers closing only their own connection (and counted), `--proxy-from`
 //! refusing other peers unread, and arbitrary bytes never echoing a header byte.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{connect, connect_from, echo, metric, outcome, read_line, TestServer, TIMEOUT};
+use crate::common::{self, connect, connect_from, echo, metric, outcome, read_line, TestServer, TIMEOUT};
 use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 

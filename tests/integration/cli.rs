@@ -4,15 +4,13 @@
 //!
 //! These tests drive the built binary and run on every platform, Windows included.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{run_to_exit, TIMEOUT};
+use crate::common::{run_to_exit, TIMEOUT};
 
 /// Every flag `--help` must document.
 const FLAGS: [&str; 21] = [

@@ -3,8 +3,6 @@
 //! over their rate) and counted, the bounded per-source table, exact metrics, no UDP socket
 //! without a `udp://` listener, the drain, and the command line's refusals.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{eventually_saw, metric, run_to_exit, scale, TIMEOUT};
+use crate::common::{self, eventually_saw, metric, run_to_exit, scale, TIMEOUT};
 use echod::{DrainReport, Server, ServerHandle};
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;

@@ -1,15 +1,12 @@
 //! Memory stays bounded: a client that sends without reading is held back by TCP flow control
 //! rather than buffered in echod, and idle connections cost little once their buffers are
 //! released. Measured from echod's resident set size (VmRSS in /proc/PID/status).
-#![cfg(target_os = "linux")]
-
-mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{pattern, Binary, TIMEOUT};
+use crate::common::{self, pattern, Binary, TIMEOUT};
 
 /// The tests here measure one echod's memory and load the machine: one at a time, so one's load
 /// does not blur another's figures.

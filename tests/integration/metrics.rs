@@ -1,13 +1,11 @@
 //! Metrics and the HTTP endpoint: exact totals, live counters, readiness, close reasons, and an
 //! endpoint that misbehaving HTTP clients cannot use to disturb echo traffic.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
-    echo, eventually, eventually_saw, http_get, metric, pattern, read_to_eof, set_reset_on_close, TestServer,
-    TIMEOUT,
+use crate::common::{
+    self, echo, eventually, eventually_saw, http_get, metric, pattern, read_to_eof, set_reset_on_close,
+    TestServer, TIMEOUT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -2,11 +2,9 @@
 //! server on loopback: each fault does what it says and nothing else, ends are counted, and a
 //! plain listener beside a faulty one is unaffected.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{connect, echo, metric, outcome, pattern, TestServer, TIMEOUT};
+use crate::common::{self, connect, echo, metric, outcome, pattern, TestServer, TIMEOUT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn faulty(options: &str) -> TestServer {

@@ -122,9 +122,22 @@ pub async fn refused_from(source: &str, addr: SocketAddr, send: &[u8]) -> bool {
         Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return true,
         Err(err) => panic!("connect from {source}: {err}"),
     };
-    let _ = stream.write_all(send).await;
-    let (back, reset) = outcome(&mut stream).await;
-    back.is_empty() && reset
+    reset_unechoed(&mut stream, send).await
+}
+
+/// Whether the server ends `stream` with a reset after the client sent `send`, echoing nothing.
+/// The reset may arrive before `send` is written: the write then fails with it, and the reset
+/// is reported to that one call only (Linux hands a socket's pending error to the first call
+/// that looks), so the read after it sees a plain end of stream.
+pub async fn reset_unechoed(stream: &mut TcpStream, send: &[u8]) -> bool {
+    let reset_at_write = match stream.write_all(send).await {
+        Ok(()) => false,
+        Err(err) => {
+            matches!(err.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+        }
+    };
+    let (back, reset_at_read) = outcome(stream).await;
+    back.is_empty() && (reset_at_write || reset_at_read)
 }
 
 /// Reads one line (up to and including `\n`, at most 4 KiB), bounded in time.

@@ -2,13 +2,11 @@
 //! traffic, and a slowloris (many connections trickling header bytes) delays a scrape only as
 //! far as the endpoint's own limits allow.
 
-mod common;
-
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{connect, echo, metric, pattern, scale, TestServer, TIMEOUT};
+use crate::common::{self, connect, echo, metric, pattern, scale, TestServer, TIMEOUT};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,10 +1,8 @@
 //! Echo semantics: every byte back, in order, exactly once; half-close; resets; many clients.
 
-mod common;
-
 use std::io::{Read, Write};
 
-use common::{echo, pattern, read_to_eof, scale, set_reset_on_close, TestServer, TIMEOUT};
+use crate::common::{self, echo, pattern, read_to_eof, scale, set_reset_on_close, TestServer, TIMEOUT};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

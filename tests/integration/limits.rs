@@ -1,10 +1,8 @@
 //! Connection limit and idle timeout.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{echo, read_to_eof, TestServer, TIMEOUT};
+use crate::common::{self, echo, read_to_eof, TestServer, TIMEOUT};
 use tokio::io::AsyncReadExt;
 
 /// At the limit echod stops accepting; the newcomer waits in the backlog (never refused) and is

@@ -6,8 +6,6 @@
 //! Certificates are made by each test (rcgen), in a directory of its own. These tests run on
 //! every platform (under Wine too), except the SIGHUP one.
 
-mod common;
-
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -18,7 +16,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use common::{metric, pattern, scale, TestServer, TIMEOUT};
+use crate::common::{self, metric, pattern, scale, TestServer, TIMEOUT};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SerialNumber};
 use rustls::client::Resumption;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};

@@ -1,10 +1,8 @@
 //! Graceful drain, driven in-process (the binary's signal handling is tested in signals.rs).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{echo, read_to_eof, TestServer, TIMEOUT};
+use crate::common::{self, echo, read_to_eof, TestServer, TIMEOUT};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
