@@ -80,7 +80,7 @@ def scrape(metrics_addr, timeout=5.0):
 
 
 def metric(exposition, name, labels=""):
-    """Sum of the samples of `name` whose label set contains `labels` (as tests/common does)."""
+    """Sum of the samples of `name` whose label set contains `labels` (as tests/integration/common does)."""
     total = 0.0
     for line in exposition.splitlines():
         if not line or line.startswith("#"):

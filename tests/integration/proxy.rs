@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::common::{self, connect, connect_from, echo, metric, outcome, read_line, TestServer, TIMEOUT};
+use crate::common::{self, connect, echo, metric, outcome, read_line, TestServer, TIMEOUT};
 use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 
@@ -179,7 +179,7 @@ async fn proxy_from_refuses_other_peers_unread() {
     let forged = b"PROXY TCP4 192.0.2.1 10.0.0.1 1 2\r\nforged";
     assert!(common::refused_from("127.0.0.2", server.addr, forged).await, "an untrusted peer was served");
 
-    let mut trusted = connect_from("127.0.0.3", server.addr).await;
+    let mut trusted = common::connect_from("127.0.0.3", server.addr).await;
     trusted.write_all(b"PROXY TCP4 192.0.2.1 10.0.0.1 1 2\r\n").await.unwrap();
     assert_eq!(read_line(&mut trusted).await.split(' ').next(), Some("192.0.2.1:1"));
     assert_eq!(echo(&mut trusted, b"trusted").await, b"trusted");

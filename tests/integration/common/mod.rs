@@ -1,6 +1,5 @@
 //! Shared test support: start echod (in-process or as the built binary) on loopback port 0,
 //! and talk to it.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -101,7 +100,8 @@ impl TestServer {
 }
 
 /// Connects from a chosen loopback source address (127.0.0.2, 127.0.0.3, ...): how tests make
-/// clients that differ by address.
+/// clients that differ by address. Linux only: it routes all of 127.0.0.0/8 to loopback.
+#[cfg(target_os = "linux")]
 pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.bind(format!("{source}:0").parse().expect("source address")).expect("bind the source address");
@@ -113,6 +113,7 @@ pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
 
 /// Whether a connection from `source` is refused: reset (at connect, on loopback the reset can
 /// beat the connect's own completion, or at the first read) with nothing echoed.
+#[cfg(target_os = "linux")]
 pub async fn refused_from(source: &str, addr: SocketAddr, send: &[u8]) -> bool {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.bind(format!("{source}:0").parse().expect("source address")).expect("bind the source address");
@@ -129,6 +130,7 @@ pub async fn refused_from(source: &str, addr: SocketAddr, send: &[u8]) -> bool {
 /// The reset may arrive before `send` is written: the write then fails with it, and the reset
 /// is reported to that one call only (Linux hands a socket's pending error to the first call
 /// that looks), so the read after it sees a plain end of stream.
+#[cfg(target_os = "linux")]
 pub async fn reset_unechoed(stream: &mut TcpStream, send: &[u8]) -> bool {
     let reset_at_write = match stream.write_all(send).await {
         Ok(()) => false,
@@ -278,6 +280,8 @@ pub async fn eventually_saw(what: &str, mut check: impl FnMut() -> Result<(), St
 }
 
 /// The built `echod` binary, running, with the addresses it logged.
+/// (Only the Unix tests use it: signals, `/proc`, open-files limits.)
+#[cfg(unix)]
 pub struct Binary {
     pub child: Child,
     pub addr: SocketAddr,
@@ -286,6 +290,7 @@ pub struct Binary {
     pub log: mpsc::Receiver<String>,
 }
 
+#[cfg(unix)]
 impl Binary {
     /// Starts `echod --listen 127.0.0.1:0 ARGS` and waits for its start-up line.
     pub fn start(args: &[&str]) -> Binary {
@@ -330,7 +335,6 @@ impl Binary {
     }
 
     /// Sends a Unix signal to the process.
-    #[cfg(unix)]
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) with a PID this test started.
         let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
@@ -367,6 +371,7 @@ pub fn spawn_logged(command: &mut Command) -> (std::process::Child, mpsc::Receiv
     (child, log)
 }
 
+#[cfg(unix)]
 impl Drop for Binary {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
