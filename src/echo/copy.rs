@@ -279,11 +279,9 @@ impl<S: EchoStream> AsyncRead for Metered<'_, S> {
         // up with) would otherwise never let the echo catch up, and run at the first size for
         // good. The write that catches up has the copy polled again (`note_echo_progress`).
         if traffic.grow.load(Relaxed) {
-            traffic.grow_wanted.store(false, Relaxed);
             if traffic.balanced() {
                 return Poll::Ready(Err(GrowPoint::error()));
             }
-            traffic.grow_parked.store(true, Relaxed);
             return Poll::Pending;
         }
         let before = buf.filled().len();

@@ -16,11 +16,6 @@ pub(crate) struct Traffic {
     pub eof: AtomicBool,
     /// A read filled the whole buffer: grow at the next balanced point.
     pub grow: AtomicBool,
-    /// The client stream's reader holds off until everything read has been echoed, to grow
-    /// (a stream that always has more to read never becomes balanced on its own).
-    pub grow_parked: AtomicBool,
-    /// The echo caught up with a reader parked to grow: poll the copy again.
-    pub grow_wanted: AtomicBool,
     /// What the last read of the client stream returned: [`Traffic::NOTHING_YET`],
     /// [`Traffic::DATA`] or [`Traffic::DRAINED`].
     pub reading: AtomicU8,
@@ -53,8 +48,6 @@ impl Traffic {
             sent: AtomicU64::new(totals.sent),
             eof: AtomicBool::new(false),
             grow: AtomicBool::new(false),
-            grow_parked: AtomicBool::new(false),
-            grow_wanted: AtomicBool::new(false),
             reading: AtomicU8::new(Traffic::NOTHING_YET),
             unflushed: AtomicBool::new(false),
             reader_parked: AtomicBool::new(false),
@@ -97,17 +90,19 @@ impl Traffic {
         self.reading.load(Relaxed) == Traffic::DRAINED && !self.eof.load(Relaxed) && self.balanced()
     }
 
-    /// One end of the loop unblocked the other, or the echo caught up with a reader parked to
-    /// grow: the copy must be polled again.
+    /// One end of the loop unblocked the other: the copy must be polled again.
     pub fn wanted(&self) -> bool {
-        self.reader_wanted.load(Relaxed) || self.writer_wanted.load(Relaxed) || self.grow_wanted.load(Relaxed)
+        self.reader_wanted.load(Relaxed) || self.writer_wanted.load(Relaxed)
     }
 
-    /// After a write or flush to the client: if the reader is parked to grow and the echo has now
-    /// caught up, have the copy polled again (the reader then ends the phase to grow).
+    /// After a write or flush to the client: if a read has filled the buffer (the client
+    /// stream's reader then holds off, to grow) and the echo has now caught up, have the copy
+    /// polled again, and that read ends the phase to grow. It borrows the loop reader's flag
+    /// rather than a field of its own (the loop's reader clears it when polled, harmlessly): one
+    /// more flag would take the phase's state past its size bound (a test in `connection`).
     pub fn note_echo_progress(&self) {
-        if self.grow_parked.load(Relaxed) && self.balanced() {
-            self.grow_wanted.store(true, Relaxed);
+        if self.grow.load(Relaxed) && self.balanced() {
+            self.reader_wanted.store(true, Relaxed);
         }
     }
 }
