@@ -97,12 +97,14 @@ impl Traffic {
 
     /// After a write or flush to the client: if a read has filled the buffer (the client
     /// stream's reader then holds off, to grow) and the echo has now caught up, have the copy
-    /// polled again, and that read ends the phase to grow. It borrows the loop reader's flag
-    /// rather than a field of its own (the loop's reader clears it when polled, harmlessly): one
-    /// more flag would take the phase's state past its size bound (a test in `connection`).
+    /// polled again, and that read ends the phase to grow. It borrows the loop writer's flag
+    /// rather than a field of its own: one more flag would take the phase's state past its size
+    /// bound (a test in `connection`). Not the reader's: the loop's reader is polled again later
+    /// in the same poll and clears its flag, which would lose this wake; the loop's writer (the
+    /// client-to-loop direction, polled first) is not polled again before the copy is.
     pub fn note_echo_progress(&self) {
         if self.grow.load(Relaxed) && self.balanced() {
-            self.reader_wanted.store(true, Relaxed);
+            self.writer_wanted.store(true, Relaxed);
         }
     }
 }
