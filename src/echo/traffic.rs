@@ -14,7 +14,8 @@ pub(crate) struct Traffic {
     pub sent: AtomicU64,
     /// The client's FIN has been read: the copy is finishing and must not be interrupted.
     pub eof: AtomicBool,
-    /// A read filled the whole buffer: grow at the next balanced point.
+    /// A read filled the whole buffer: the client stream's reader holds off until the echo
+    /// has caught up (balanced), and the read then ends the phase to grow.
     pub grow: AtomicBool,
     /// What the last read of the client stream returned: [`Traffic::NOTHING_YET`],
     /// [`Traffic::DATA`] or [`Traffic::DRAINED`].

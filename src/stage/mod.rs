@@ -2,8 +2,9 @@
 //!
 //! A stream listener is a stack: PROXY header ([`proxy`]), then the TLS handshake ([`tls`],
 //! leaving a `tls_session` for the later stages), then the banner ([`banner`], over TLS on a
-//! tls listener), then the echo (with the listener's faults, if any). Each stage is a module of its own that turns a stream, plus what it learned
-//! (the client's address, its certificate), into the next step. A plain TCP listener has no stack
+//! tls listener), then the echo (with the listener's faults, if any). Each stage is a module of
+//! its own that turns a stream, plus what it learned (the client's address, its certificate),
+//! into the next step. A plain TCP listener has no stack
 //! at all: its connections go straight to the echo and pay nothing for stages they do not use;
 //! every tls listener has one.
 

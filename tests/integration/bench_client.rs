@@ -10,6 +10,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::common;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A running echod, killed when dropped.
@@ -74,7 +75,7 @@ fn start_echod_with(args: &[&str]) -> Echod {
 
 /// Runs echod-bench with a hard time bound; returns its output.
 fn bench(target: SocketAddr, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
+    let child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
         .arg("--target")
         .arg(target.to_string())
         // Under Wine (and a busy host) a socket can go seconds without progress: the runs
@@ -91,18 +92,7 @@ fn bench(target: SocketAddr, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start echod-bench");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("echod-bench {args:?} ran past 30 s; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    common::output_within(child, Duration::from_secs(30), &format!("echod-bench {args:?}"))
 }
 
 fn describe(args: &[&str], out: &Output) -> String {
@@ -439,25 +429,14 @@ impl Drop for TempDir {
 
 /// Runs `echod-bench ARGS` (no --target or other defaults), bounded in time.
 fn bench_raw(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
+    let child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start echod-bench");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("echod-bench {args:?} ran past 30 s; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    common::output_within(child, Duration::from_secs(30), &format!("echod-bench {args:?}"))
 }
 
 /// The first JSON line of an output.

@@ -4,9 +4,10 @@
 //! The flags a page must document are read from the binary's own `--help` (and each mode's), so
 //! a flag added later is checked without touching this file.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::common::output_within;
 
 const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
 const BENCH: &str = env!("CARGO_BIN_EXE_echod-bench");
@@ -20,7 +21,7 @@ struct Output {
 
 /// Runs `bin ARGS` to its end (bounded), with stdout and stderr read as they come.
 fn run(bin: &str, args: &[&str]) -> Output {
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(args)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -28,30 +29,9 @@ fn run(bin: &str, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin}: {e}"));
-    let read = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            pipe.read_to_string(&mut text).map(|_| text)
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().expect("stdout piped")));
-    let stderr = read(Box::new(child.stderr.take().expect("stderr piped")));
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{bin} {args:?} did not exit within {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let text = |h: std::thread::JoinHandle<std::io::Result<String>>| {
-        h.join().expect("reader thread").expect("output is UTF-8")
-    };
-    Output { code: status.code(), stdout: text(stdout), stderr: text(stderr) }
+    let out = output_within(child, TIMEOUT, &format!("{bin} {args:?}"));
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("output is UTF-8");
+    Output { code: out.status.code(), stdout: text(out.stdout), stderr: text(out.stderr) }
 }
 
 /// Runs `bin ARGS` and expects exit 0 with nothing on stderr; returns stdout.

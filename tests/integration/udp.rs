@@ -834,7 +834,7 @@ fn the_start_up_log_names_each_udp_listener() {
 /// Runs echod-bench's udp mode against `target` (bounded in time); returns its exit code and
 /// its JSON report.
 fn bench_udp(target: SocketAddr, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
+    let child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
         .arg("--target")
         .arg(target.to_string())
         .args(["--quiet", "--json"])
@@ -844,24 +844,11 @@ fn bench_udp(target: SocketAddr, args: &[&str]) -> (Option<i32>, serde_json::Val
         .stderr(Stdio::piped())
         .spawn()
         .expect("start echod-bench");
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("echod-bench {args:?} ran past {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    use std::io::Read;
-    child.stdout.take().map(|mut s| s.read_to_string(&mut out));
-    child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    let output = common::output_within(child, TIMEOUT, &format!("echod-bench {args:?}"));
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
     let report = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}\n{err}"));
-    (status.code(), report, err)
+    (output.status.code(), report, err)
 }
 
 fn count(report: &serde_json::Value, field: &str) -> u64 {

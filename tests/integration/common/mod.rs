@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -399,21 +399,42 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
     for (k, v) in env {
         command.env(k, v);
     }
-    let mut child = command.spawn().expect("start echod");
-    let deadline = std::time::Instant::now() + TIMEOUT;
+    let out = output_within(command.spawn().expect("start echod"), TIMEOUT, &format!("echod {args:?}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Waits for `child` (its stdout and stderr piped) to exit within `limit`, reading both pipes as
+/// it goes, so a child that writes more than a pipe holds cannot stall. Past the limit the child
+/// is killed and the test fails, naming `what` and showing its stderr. (A process's exit cannot
+/// be awaited portably with a time bound: it is polled.)
+pub fn output_within(mut child: Child, limit: Duration, what: &str) -> Output {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = std::time::Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
             break status;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("echod {args:?} did not exit in time");
+            let _ = child.wait();
+            let err = stderr.join().unwrap_or_default();
+            panic!("{what} ran past {limit:?}; stderr:\n{}", String::from_utf8_lossy(&err));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    child.stdout.take().map(|mut s| s.read_to_string(&mut out));
-    child.stderr.take().map(|mut s| s.read_to_string(&mut err));
-    (status.code(), out + &err)
+    let join = |reader: std::thread::JoinHandle<Vec<u8>>| reader.join().expect("pipe reader");
+    Output { status, stdout: join(stdout), stderr: join(stderr) }
 }
