@@ -312,8 +312,8 @@ case_reset() {
 
 # A blackholed peer (every packet to and from its port dropped), idle and with data in flight:
 # freed within the bound, the slot serves the next client, echod_connections_active back to 0.
-# Keepalive 2 s (spread by up to one interval), then 3 probes 1 s apart: both bounds are
-# 2 + (3 + 1) x 1 = 6 s.
+# Keepalive 2 s (too short to spread), then 3 probes 1 s apart: both bounds are
+# 2 + 1 + 3 x 1 = 6 s.
 case_blackhole() {
     if [[ $user_timeout_flags == 0 ]]; then
         echo "  this echod has no --tcp-user-timeout: without it a peer that vanishes with data in"

@@ -143,20 +143,11 @@ pub(crate) async fn accept_loop(
             },
         };
         listener.accepted.increment(1);
+        let keepalive = accept.options.keepalive.as_ref().map(Keepalive::spread);
         let set = if listener.inherited {
-            accept
-                .options
-                .spread_idle()
-                .map_or(Ok(()), |idle| ClientOptions::set_idle(SockRef::from(&stream), idle))
+            keepalive.map_or(Ok(()), |k| k.set_times(SockRef::from(&stream)))
         } else {
-            let options = ClientOptions {
-                keepalive: accept
-                    .options
-                    .keepalive
-                    .map(|k| Keepalive { idle: accept.options.spread_idle().unwrap_or(k.idle), ..k }),
-                ..accept.options
-            };
-            options.apply(SockRef::from(&stream))
+            ClientOptions { keepalive, ..accept.options }.apply(SockRef::from(&stream))
         };
         if let Err(err) = set {
             warn!(%peer, error = %err, "could not set TCP_NODELAY and keepalive on the client socket");

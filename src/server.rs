@@ -48,7 +48,7 @@ use crate::context::{ConnContext, HttpContext, ServerState};
 use crate::echo::INITIAL_BUFFER;
 use crate::listener::{self, AcceptContext, StreamListener};
 use crate::metrics::{Registry, ServerMetrics};
-use crate::net::{ClientOptions, Keepalive};
+use crate::net::ClientOptions;
 use crate::stage::banner::{self, Banner};
 use crate::stage::tls::{CertificateInfo, Certificates, LoadError, TlsStage};
 use crate::stage::{ProxyStage, Stack};
@@ -207,11 +207,7 @@ impl Server {
         let http = config.metrics_listen.0.map(http::bind).transpose()?;
         let budget = Budget::new(usize::try_from(budget_limit).unwrap_or(usize::MAX), INITIAL_BUFFER);
         let conn = Arc::new(ConnContext::new(metrics, config.idle_timeout.0, budget));
-        let keepalive = config.tcp_keepalive.0.map(|idle| Keepalive {
-            idle,
-            interval: config.tcp_keepalive_interval,
-            count: config.tcp_keepalive_count,
-        });
+        let keepalive = config.keepalive();
         let access = Access::new(
             Rules::new(&config.allow, &config.deny),
             Some(SourceLimitSpec {

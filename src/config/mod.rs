@@ -27,6 +27,8 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, ValueEnum};
 
+use crate::net::Keepalive;
+
 pub use banner::{BannerPart, BannerTemplate};
 pub use cidr::Cidr;
 pub use listen_spec::{ByteCount, FaultSpec, ListenSpec, ProxyVersion, Scheme};
@@ -130,8 +132,9 @@ pub struct Config {
     /// (`TCP_USER_TIMEOUT`, Linux): what frees a peer that vanished with data in flight, which
     /// keepalive (it only probes idle connections) never finds.
     ///
-    /// `auto`: the keepalive's own detection time, idle + interval × (count + 1) (each
-    /// connection's idle time is spread over one interval), so both cases are freed in the same
+    /// `auto`: the keepalive's own detection time, idle + spread + count × longest interval
+    /// (each connection's idle time is lengthened by up to half, at least one interval, and its
+    /// interval by up to half; 132 s by default), so both cases are freed in the same
     /// bound; `off` leaves the kernel's retransmission limit (about 15 minutes).
     #[arg(long, value_name = "DURATION|auto|off", env = "ECHOD_TCP_USER_TIMEOUT", default_value = "auto",
           allow_hyphen_values = true, value_parser = parse_user_timeout)]
@@ -426,17 +429,23 @@ impl Config {
         self.workers.or_else(|| std::thread::available_parallelism().ok()).map_or(1, NonZeroUsize::get)
     }
 
+    /// The keepalive the flags ask for (before each connection's spread), if it is on.
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        self.tcp_keepalive.0.map(|idle| Keepalive {
+            idle,
+            interval: self.tcp_keepalive_interval,
+            count: self.tcp_keepalive_count,
+        })
+    }
+
     /// The `TCP_USER_TIMEOUT` in force: `auto` is the keepalive's whole detection time
-    /// (idle + interval × (count + 1)), so a vanished peer is freed in the same bound whether or
+    /// ([`Keepalive::detection_time`]), so a vanished peer is freed in the same bound whether or
     /// not data was in flight; with keepalive off, `auto` is off too.
     pub fn user_timeout(&self) -> Option<Duration> {
         match self.tcp_user_timeout {
             UserTimeout::Off => None,
             UserTimeout::Fixed(d) => Some(d),
-            UserTimeout::Auto => self
-                .tcp_keepalive
-                .0
-                .map(|idle| idle + self.tcp_keepalive_interval * (self.tcp_keepalive_count + 1)),
+            UserTimeout::Auto => self.keepalive().map(|k| k.detection_time()),
         }
     }
 }
@@ -464,7 +473,7 @@ mod tests {
         assert_eq!(c.tcp_keepalive, OptionalDuration(Some(Duration::from_secs(60))));
         assert_eq!(c.tcp_keepalive_interval, Duration::from_secs(10));
         assert_eq!(c.tcp_keepalive_count, 3);
-        assert_eq!(c.user_timeout(), Some(Duration::from_secs(100)));
+        assert_eq!(c.user_timeout(), Some(Duration::from_secs(132)));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(c.shutdown_delay, Duration::ZERO);
         assert_eq!(c.proxy_header_timeout, Duration::from_secs(5));

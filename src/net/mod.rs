@@ -39,12 +39,82 @@ pub struct Keepalive {
 }
 
 impl Keepalive {
-    /// How long after its last sign of life an idle peer that vanished is found, at most: the
-    /// idle time, the spread of up to one interval ([`ClientOptions::spread_idle`]), then
-    /// `count` unanswered probes an interval apart.
-    pub fn detection_time(&self) -> Duration {
-        self.idle + self.interval * (self.count + 1)
+    /// How much later than `idle` one connection's first probe may go: half the idle time, at
+    /// least one interval (whole seconds; each connection adds 0 to this minus 1).
+    fn idle_spread(&self) -> u64 {
+        (self.idle.as_secs() / 2).max(self.interval.as_secs()).max(1)
     }
+
+    /// How much longer than `interval` one connection's probe interval may be: half of it (whole
+    /// seconds; each connection adds 0 to this minus 1, so intervals under 2 s are not spread).
+    fn interval_spread(&self) -> u64 {
+        (self.interval.as_secs() / 2).max(1)
+    }
+
+    /// How long after its last sign of life an idle peer that vanished is found, at most: the
+    /// idle time and its spread, then `count` unanswered probes at the longest interval
+    /// ([`Keepalive::spread`]).
+    pub fn detection_time(&self) -> Duration {
+        let longest_interval = self.interval + Duration::from_secs(self.interval_spread() - 1);
+        self.idle + Duration::from_secs(self.idle_spread()) + longest_interval * self.count
+    }
+
+    /// The keepalive of one connection: the idle time and the probe interval each lengthened by
+    /// a random part of their spread (whole seconds, as the socket options take them).
+    ///
+    /// Connections accepted together go idle together, and the kernel's coarse timers (seconds
+    /// apart at these lengths) fire their probes in one burst; a burst larger than a queue on
+    /// the way loses most of it. On loopback that queue is one CPU's 1,000-packet input
+    /// backlog. Worse, connections that once probe together stay in step, because each timer
+    /// is re-armed from the moment it fired, and steps only ever merge. With every connection's
+    /// idle time drawn from one interval (10 values), 18,000 idle connections still fell into
+    /// bursts of several thousand after a few minutes and lost 3,343 healthy peers in a 10-minute
+    /// soak. Drawn from a quarter of the idle time, with the interval drawn too, it lost 45.
+    /// Drawn from half of it (30 values by default), the bursts are half as large again. The
+    /// interval's spread has the probes a burst lost retried at different moments rather than
+    /// in the same burst again, which is what lost peers for good.
+    pub fn spread(&self) -> Keepalive {
+        let random = crate::random::random_u64();
+        let idle = self.idle + Duration::from_secs(random % self.idle_spread());
+        let interval = self.interval + Duration::from_secs((random >> 32) % self.interval_spread());
+        Keepalive { idle, interval, count: self.count }
+    }
+
+    /// Sets one accepted socket's keepalive idle time and probe interval to `self`'s (its other
+    /// options are inherited from the listener).
+    pub fn set_times(&self, socket: SockRef<'_>) -> io::Result<()> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            set_seconds(&socket, libc::TCP_KEEPIDLE, self.idle)?;
+            set_seconds(&socket, libc::TCP_KEEPINTVL, self.interval)
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(self.idle).with_interval(self.interval))
+        }
+    }
+}
+
+/// One `IPPROTO_TCP` socket option in whole seconds: one system call (socket2's keepalive call
+/// sets every keepalive option at once).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_seconds(socket: &SockRef<'_>, option: libc::c_int, value: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let secs = libc::c_int::try_from(value.as_secs()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads one c_int from a pointer to a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The options every client socket gets.
@@ -57,46 +127,6 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    /// The keepalive idle time for one connection: the configured one plus a random part of one
-    /// probe interval (whole seconds). Connections accepted together go idle together; without the
-    /// spread their probes leave in bursts, and a burst lost at a full queue (loopback drops
-    /// beyond its 1,000-packet backlog) aborts healthy connections. Seen: 9,000 of 18,000 idle
-    /// connections lost at once.
-    pub fn spread_idle(&self) -> Option<Duration> {
-        self.keepalive.map(|k| {
-            let spread = k.interval.as_secs().max(1);
-            k.idle + Duration::from_secs(crate::random::random_u64() % spread)
-        })
-    }
-
-    /// Sets one accepted socket's keepalive idle time to `idle` (its other options are inherited
-    /// from the listener, or were set by [`ClientOptions::apply`]).
-    pub fn set_idle(socket: SockRef<'_>, idle: Duration) -> io::Result<()> {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            use std::os::fd::AsRawFd;
-            let secs = libc::c_int::try_from(idle.as_secs()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: setsockopt reads one c_int from a pointer to a live c_int.
-            let rc = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_KEEPIDLE,
-                    (&secs as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        {
-            socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))
-        }
-    }
-
     /// Applies the options: `TCP_NODELAY`, because an echo is latency-bound and Nagle's
     /// algorithm would hold small replies back; keepalive, so a vanished idle peer is found;
     /// the user timeout, so a vanished peer with data in flight is found too.
@@ -218,14 +248,48 @@ mod tests {
             assert_eq!(socket.tcp_keepalive_retries().unwrap(), keepalive.count);
             assert_eq!(socket.tcp_user_timeout().unwrap(), Some(Duration::from_secs(105)));
         }
-        assert_eq!(keepalive.detection_time(), Duration::from_secs(112));
-        for _ in 0..100 {
-            let idle = options.spread_idle().unwrap();
-            assert!(idle >= keepalive.idle && idle < keepalive.idle + keepalive.interval, "{idle:?}");
-        }
-        ClientOptions::set_idle(SockRef::from(&stream), Duration::from_secs(80)).unwrap();
+        // 77 s + 38 s of spread (a half), then 4 probes at up to 7 + 2 s.
+        assert_eq!(keepalive.detection_time(), Duration::from_secs(77 + 38 + 4 * 9));
+        let spread = keepalive.spread();
+        spread.set_times(SockRef::from(&stream)).unwrap();
         #[cfg(target_os = "linux")]
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(80));
+        {
+            assert_eq!(socket.tcp_keepalive_time().unwrap(), spread.idle);
+            assert_eq!(socket.tcp_keepalive_interval().unwrap(), spread.interval);
+        }
+    }
+
+    /// Each connection's idle time and probe interval are drawn from their whole spread (so
+    /// connections accepted together do not probe in step), and never past the detection bound.
+    #[test]
+    fn keepalive_times_are_spread_within_the_detection_bound() {
+        let cases = [(60, 10, 3), (2, 1, 3), (77, 7, 4), (1, 1, 1), (600, 30, 5)];
+        for (idle, interval, count) in cases {
+            let k =
+                Keepalive { idle: Duration::from_secs(idle), interval: Duration::from_secs(interval), count };
+            let mut idles = std::collections::BTreeSet::new();
+            let mut intervals = std::collections::BTreeSet::new();
+            for _ in 0..2_000 {
+                let s = k.spread();
+                assert!(s.idle >= k.idle && s.interval >= k.interval && s.count == count, "{s:?}");
+                assert!(
+                    s.idle + s.interval * count <= k.detection_time(),
+                    "{s:?} past {:?}",
+                    k.detection_time()
+                );
+                idles.insert(s.idle.as_secs() - idle);
+                intervals.insert(s.interval.as_secs() - interval);
+            }
+            let idle_spread = (idle / 2).max(interval).max(1);
+            let interval_spread = (interval / 2).max(1);
+            assert_eq!(idles.len() as u64, idle_spread, "idle {idle} s: {idles:?}");
+            assert_eq!(intervals.len() as u64, interval_spread, "interval {interval} s: {intervals:?}");
+        }
+        let defaults =
+            Keepalive { idle: Duration::from_secs(60), interval: Duration::from_secs(10), count: 3 };
+        assert_eq!(defaults.detection_time(), Duration::from_secs(132), "the documented default bound");
+        let chaos = Keepalive { idle: Duration::from_secs(2), interval: Duration::from_secs(1), count: 3 };
+        assert_eq!(chaos.detection_time(), Duration::from_secs(6), "the chaos suite's bound");
     }
 
     #[cfg(target_os = "linux")]
