@@ -74,7 +74,12 @@ impl Keepalive {
     /// interval's spread has the probes a burst lost retried at different moments rather than
     /// in the same burst again, which is what lost peers for good.
     pub fn spread(&self) -> Keepalive {
-        let random = crate::random::random_u64();
+        self.spread_by(crate::random::random_u64())
+    }
+
+    /// [`Keepalive::spread`] for one random draw: its low 32 bits pick the idle time's part of
+    /// its spread, its high 32 bits the interval's.
+    fn spread_by(&self, random: u64) -> Keepalive {
         let idle = self.idle + Duration::from_secs(random % self.idle_spread());
         let interval = self.interval + Duration::from_secs((random >> 32) % self.interval_spread());
         Keepalive { idle, interval, count: self.count }
@@ -259,18 +264,24 @@ mod tests {
         }
     }
 
-    /// Each connection's idle time and probe interval are drawn from their whole spread (so
-    /// connections accepted together do not probe in step), and never past the detection bound.
+    /// Each connection's idle time and probe interval can take every value of their spread (so
+    /// connections accepted together do not probe in step), and never pass the detection bound.
+    /// The draws are enumerated, not sampled, so the test cannot miss a value by chance.
     #[test]
     fn keepalive_times_are_spread_within_the_detection_bound() {
         let cases = [(60, 10, 3), (2, 1, 3), (77, 7, 4), (1, 1, 1), (600, 30, 5)];
         for (idle, interval, count) in cases {
             let k =
                 Keepalive { idle: Duration::from_secs(idle), interval: Duration::from_secs(interval), count };
+            let idle_spread = (idle / 2).max(interval).max(1);
+            let interval_spread = (interval / 2).max(1);
             let mut idles = std::collections::BTreeSet::new();
             let mut intervals = std::collections::BTreeSet::new();
-            for _ in 0..2_000 {
-                let s = k.spread();
+            let draws = (0..idle_spread)
+                .flat_map(|low| (0..interval_spread).map(move |high| (high << 32) | low))
+                .chain([0, u64::MAX, u64::from(u32::MAX), u64::MAX << 32]);
+            for random in draws {
+                let s = k.spread_by(random);
                 assert!(s.idle >= k.idle && s.interval >= k.interval && s.count == count, "{s:?}");
                 assert!(
                     s.idle + s.interval * count <= k.detection_time(),
@@ -280,10 +291,12 @@ mod tests {
                 idles.insert(s.idle.as_secs() - idle);
                 intervals.insert(s.interval.as_secs() - interval);
             }
-            let idle_spread = (idle / 2).max(interval).max(1);
-            let interval_spread = (interval / 2).max(1);
-            assert_eq!(idles.len() as u64, idle_spread, "idle {idle} s: {idles:?}");
-            assert_eq!(intervals.len() as u64, interval_spread, "interval {interval} s: {intervals:?}");
+            assert_eq!(idles, (0..idle_spread).collect(), "idle {idle} s");
+            assert_eq!(intervals, (0..interval_spread).collect(), "interval {interval} s");
+            for _ in 0..1_000 {
+                let s = k.spread();
+                assert!(s.idle >= k.idle && s.idle + s.interval * count <= k.detection_time(), "{s:?}");
+            }
         }
         let defaults =
             Keepalive { idle: Duration::from_secs(60), interval: Duration::from_secs(10), count: 3 };
