@@ -10,8 +10,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::mirror::{Inbound, Mirror, WAITING_BUFFER};
 use super::ring::{Loop, Pace};
 use super::traffic::Traffic;
 use super::{EchoStream, MAX_BUFFER};
@@ -68,8 +70,19 @@ pub(crate) struct PhaseStart<S, P> {
 }
 
 /// Starts a copy phase. It owns the stream and everything the copy borrows, in one allocation
-/// that exists only while copying, and gives the stream back when it ends.
+/// that exists only while copying, and gives the stream back when it ends. The stream's type
+/// chooses how it echoes ([`EchoStream::copy_phase`]): through the loop, or for a TCP socket
+/// without faults, directly ([`direct_phase`]).
 pub(crate) fn copy_phase<S: EchoStream, P: Pace + 'static>(
+    start: PhaseStart<S, P>,
+    ctx: Arc<ConnContext>,
+) -> CopyPhase<S, P> {
+    S::copy_phase(start, ctx)
+}
+
+/// A copy phase through the loop: `copy_bidirectional` between the client stream and the loop,
+/// which the pace (faults) may hold bytes back in.
+pub(crate) fn looped_phase<S: EchoStream, P: Pace + 'static>(
     start: PhaseStart<S, P>,
     ctx: Arc<ConnContext>,
 ) -> CopyPhase<S, P> {
@@ -80,11 +93,10 @@ pub(crate) fn copy_phase<S: EchoStream, P: Pace + 'static>(
         if P::ACTIVE {
             pace.start_phase(&traffic);
         }
-        let (end, published, last_activity, pace) = {
-            let can_grow = lease.size < MAX_BUFFER && ctx.budget.has_room(lease.size * 4);
-            let mut client = Metered::new(&mut stream, &traffic, can_grow);
+        let (ended, pace) = {
+            let mut client = Metered::new(&mut stream, &traffic, lease.can_grow(&ctx));
             let mut echo_loop = Loop::new(lease.size, &traffic, pace);
-            let (end, published, last_activity) = {
+            let ended = {
                 // Pinned in place and handed on by reference: passed by value, the copy's state
                 // would be stored twice in this future (once as the argument, once pinned).
                 let copy = std::pin::pin!(tokio::io::copy_bidirectional_with_sizes(
@@ -98,18 +110,57 @@ pub(crate) fn copy_phase<S: EchoStream, P: Pace + 'static>(
                     Watch { traffic: &traffic, ctx: &ctx, published, end_when_drained, faulty: P::ACTIVE };
                 watch.run(copy, ticker).await
             };
-            (end, published, last_activity, echo_loop.into_pace())
+            (ended, echo_loop.into_pace())
         };
-        let mut published = published;
-        let (received, sent) = traffic.totals();
-        ctx.metrics.publish(&mut published, received, sent);
-        let size = lease.size;
-        drop(lease);
+        let (end, published, last_activity, size) = settle(ended, &traffic, lease, &ctx);
         if matches!(end, PhaseEnd::InjectedReset) {
             crate::net::reset_after_delivery(stream.tcp()).await;
         }
         CopyOutcome { stream, pace, end, published, last_activity, size }
     })
+}
+
+/// A copy phase of a TCP socket whose pace holds nothing back: `copy_bidirectional` between the
+/// socket's read half and its write half (see [`super::mirror`]), one buffer and no loop.
+pub(crate) fn direct_phase<P: Pace + 'static>(
+    start: PhaseStart<TcpStream, P>,
+    ctx: Arc<ConnContext>,
+) -> CopyPhase<TcpStream, P> {
+    debug_assert!(!P::ACTIVE, "a pace that holds bytes back needs the loop");
+    Box::pin(async move {
+        let PhaseStart { mut stream, pace, published, size, end_when_drained } = start;
+        let lease = Lease::take(&ctx.budget, size);
+        let traffic = Traffic::new(published);
+        let ended = {
+            let (read, write) = stream.split();
+            let mut inbound = Inbound(read);
+            let mut client = Metered::new(&mut inbound, &traffic, lease.can_grow(&ctx));
+            let mut mirror = Mirror::new(write, &traffic);
+            let copy = std::pin::pin!(tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut mirror,
+                lease.size,
+                WAITING_BUFFER
+            ));
+            let ticker = std::pin::pin!(tokio::time::sleep_until(Instant::now() + tick(&ctx)));
+            let watch = Watch { traffic: &traffic, ctx: &ctx, published, end_when_drained, faulty: false };
+            watch.run(copy, ticker).await
+        };
+        let (end, published, last_activity, size) = settle(ended, &traffic, lease, &ctx);
+        CopyOutcome { stream, pace, end, published, last_activity, size }
+    })
+}
+
+/// The end of a phase's copy: publishes the final counts and returns the buffers to the budget.
+fn settle(
+    (end, mut published, last_activity): (PhaseEnd, Published, Instant),
+    traffic: &Traffic,
+    lease: Lease<'_>,
+    ctx: &ConnContext,
+) -> (PhaseEnd, Published, Instant, usize) {
+    let (received, sent) = traffic.totals();
+    ctx.metrics.publish(&mut published, received, sent);
+    (end, published, last_activity, lease.size)
 }
 
 /// The tick of a copy phase: 1 s, or a quarter of the idle timeout (at least 10 ms).
@@ -126,6 +177,12 @@ struct Lease<'a> {
 impl<'a> Lease<'a> {
     fn take(budget: &'a Budget, wanted: usize) -> Lease<'a> {
         Lease { budget, size: budget.lease(wanted) }
+    }
+
+    /// Whether a read that fills the buffer may end the phase to grow: not at the largest size,
+    /// nor when the budget has no room for the next.
+    fn can_grow(&self, ctx: &ConnContext) -> bool {
+        self.size < MAX_BUFFER && ctx.budget.has_room(self.size * 4)
     }
 }
 
@@ -251,6 +308,32 @@ impl std::fmt::Display for GrowPoint {
 
 impl std::error::Error for GrowPoint {}
 
+/// What [`Metered`] needs of the stream it wraps: a client stream, or the direct echo's read
+/// half.
+pub(crate) trait Metering: AsyncRead + AsyncWrite + Unpin {
+    /// As [`EchoStream::BUFFERED_WRITES`].
+    const BUFFERED_WRITES: bool;
+
+    /// As [`EchoStream::is_end_of_stream`].
+    fn is_end_of_stream(err: &io::Error) -> bool;
+}
+
+impl<S: EchoStream> Metering for S {
+    const BUFFERED_WRITES: bool = <S as EchoStream>::BUFFERED_WRITES;
+
+    fn is_end_of_stream(err: &io::Error) -> bool {
+        <S as EchoStream>::is_end_of_stream(err)
+    }
+}
+
+impl Metering for Inbound<'_> {
+    const BUFFERED_WRITES: bool = false;
+
+    fn is_end_of_stream(_err: &io::Error) -> bool {
+        false
+    }
+}
+
 /// The client stream as the copy sees it: counts bytes in [`Traffic`], notes EOF and whether
 /// the socket has more to read, and notices reads that fill the whole buffer.
 pub(crate) struct Metered<'a, S> {
@@ -259,14 +342,14 @@ pub(crate) struct Metered<'a, S> {
     can_grow: bool,
 }
 
-impl<'a, S: EchoStream> Metered<'a, S> {
+impl<'a, S: Metering> Metered<'a, S> {
     pub(crate) fn new(stream: &'a mut S, traffic: &'a Traffic, can_grow: bool) -> Self {
         traffic.grow.store(false, Relaxed);
         Metered { stream, traffic, can_grow }
     }
 }
 
-impl<S: EchoStream> AsyncRead for Metered<'_, S> {
+impl<S: Metering> AsyncRead for Metered<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -315,7 +398,7 @@ impl<S: EchoStream> AsyncRead for Metered<'_, S> {
     }
 }
 
-impl<S: EchoStream> AsyncWrite for Metered<'_, S> {
+impl<S: Metering> AsyncWrite for Metered<'_, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut *self.stream).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = result {
@@ -361,6 +444,19 @@ mod tests {
     /// the client pauses: a server that only just keeps up would never grow its buffers.
     #[tokio::test]
     async fn a_phase_grows_while_the_client_always_has_more_to_read() {
+        grows_while_the_client_always_has_more_to_read(copy_phase).await;
+    }
+
+    /// The same through the loop (what a TLS session's echo or a faulty listener's runs).
+    #[tokio::test]
+    async fn a_looped_phase_grows_while_the_client_always_has_more_to_read() {
+        grows_while_the_client_always_has_more_to_read(looped_phase).await;
+    }
+
+    /// A way to start a plain TCP socket's copy phase.
+    type Starter = fn(PhaseStart<TcpStream, Plain>, Arc<ConnContext>) -> CopyPhase<TcpStream, Plain>;
+
+    async fn grows_while_the_client_always_has_more_to_read(phase: Starter) {
         const QUEUED: usize = 64 * 1024;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
@@ -389,9 +485,8 @@ mod tests {
             size: INITIAL_BUFFER,
             end_when_drained: false,
         };
-        let outcome = tokio::time::timeout(Duration::from_secs(10), copy_phase(start, ctx))
-            .await
-            .expect("the phase ends");
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), phase(start, ctx)).await.expect("the phase ends");
         assert!(matches!(outcome.end, PhaseEnd::Grow), "the phase ends to grow");
         let Published { received, sent } = outcome.published;
         assert_eq!(received, sent, "everything read was echoed before the phase ended");

@@ -1,8 +1,10 @@
 //! The echo itself: `tokio::io::copy_bidirectional` between a client stream and an in-memory
-//! loop, in phases that hold buffers only while data flows.
+//! loop, in phases that hold buffers only while data flows. A TCP socket without faults skips
+//! the loop: its copy writes straight back to the socket ([`mirror`]).
 //!
 //! * [`ring`]: the loop between the two copies, and the [`Pace`](ring::Pace) hook through which
 //!   faults hold bytes back;
+//! * [`mirror`]: the direct echo's halves of a TCP socket;
 //! * [`copy`]: one copy phase (the copy, its metered view of the client, the tick);
 //! * [`faults`]: the paces that inject delay, rate limits, stalls, closes and resets;
 //! * [`traffic`]: the counts and flags one phase's parts share.
@@ -19,14 +21,20 @@
 
 pub(crate) mod copy;
 pub(crate) mod faults;
+pub(crate) mod mirror;
 pub(crate) mod ring;
 pub(crate) mod traffic;
 
 use std::io;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+use self::copy::{CopyPhase, PhaseStart};
+use self::ring::Pace;
+use crate::context::ConnContext;
 
 /// Buffer size a connection starts with (and returns to when it goes quiet): enough for typical
 /// request/response sizes, and small, because every copying connection may always hold three of
@@ -60,6 +68,15 @@ pub(crate) trait EchoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// the client reads a clean end of the session rather than a truncated one. The FIN follows
     /// when the stream is dropped.
     fn end_session(&mut self) {}
+
+    /// Starts a copy phase over this stream: through the loop (the default: the loop is
+    /// where faults hold bytes back, and a TLS session's halves are not independent).
+    fn copy_phase<P: Pace + 'static>(start: PhaseStart<Self, P>, ctx: Arc<ConnContext>) -> CopyPhase<Self, P>
+    where
+        Self: Sized,
+    {
+        copy::looped_phase(start, ctx)
+    }
 }
 
 impl EchoStream for TcpStream {
@@ -71,5 +88,17 @@ impl EchoStream for TcpStream {
 
     fn tcp(&self) -> &TcpStream {
         self
+    }
+
+    /// Without faults, the direct echo ([`mirror`]): nothing to hold back between the copies.
+    fn copy_phase<P: Pace + 'static>(
+        start: PhaseStart<Self, P>,
+        ctx: Arc<ConnContext>,
+    ) -> CopyPhase<Self, P> {
+        if P::ACTIVE {
+            copy::looped_phase(start, ctx)
+        } else {
+            copy::direct_phase(start, ctx)
+        }
     }
 }
