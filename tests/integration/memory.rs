@@ -27,6 +27,30 @@ fn rss(pid: u32) -> usize {
     kib * KIB
 }
 
+/// Pages the kernel's TCP sockets hold machine-wide (`mem` of the `TCP:` line in
+/// /proc/net/sockstat).
+fn kernel_tcp_pages() -> usize {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").expect("read /proc/net/sockstat");
+    let line = sockstat.lines().find(|l| l.starts_with("TCP:")).expect("TCP line in /proc/net/sockstat");
+    let mut fields = line.split_whitespace();
+    fields.find(|f| *f == "mem").expect("TCP mem field");
+    fields.next().expect("TCP mem value").parse().expect("TCP mem number")
+}
+
+/// The size of a memory page, the unit of the kernel's TCP memory figures.
+fn page_size() -> usize {
+    // SAFETY: sysconf reads a constant of the system; it has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).expect("page size")
+}
+
+/// The machine-wide TCP memory (pages) at which the kernel starts to squeeze every socket's
+/// buffers (the first of /proc/sys/net/ipv4/tcp_mem).
+fn kernel_tcp_pressure_pages() -> usize {
+    let limits = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").expect("read tcp_mem");
+    limits.split_whitespace().next().expect("tcp_mem low").parse().expect("tcp_mem number")
+}
+
 fn connect(addr: std::net::SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -270,8 +294,10 @@ fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
     const CLIENTS: usize = 2000;
     const BUDGET: usize = 32 * MIB;
     const PER_CLIENT: usize = 1024 * KIB;
-    /// At most this many MiB written per stuck client (loopback absorbs 1-2 MiB before it backs up).
-    const STUCK_ROUNDS: usize = 3;
+    /// Written by each client beyond what it reads back: enough to fill the echo's buffers and
+    /// the socket buffers in front of them, not so much that 2,000 clients exhaust the kernel's
+    /// TCP memory (which would stall every other test's connections on the machine).
+    const UNREAD: usize = 256 * KIB;
     let open_files = echod::rlimit::raise_open_files_limit().unwrap_or(0) as usize;
     assert!(open_files > CLIENTS + 200, "open-files limit {open_files} too low for this test");
 
@@ -290,14 +316,15 @@ fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
     let sampler = runtime.spawn({
         let sampling = sampling.clone();
         async move {
-            let (mut held, mut rss_peak) = (0usize, 0usize);
+            let (mut held, mut rss_peak, mut kernel_peak) = (0usize, 0usize, 0usize);
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
                 let (_, text) = common::http_get(metrics_addr, "/metrics").await;
                 held = held.max(common::metric(&text, "echod_buffer_memory_bytes", "") as usize);
                 rss_peak = rss_peak.max(rss(pid));
+                kernel_peak = kernel_peak.max(kernel_tcp_pages());
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            (held, rss_peak)
+            (held, rss_peak, kernel_peak)
         }
     });
     let (stuck, accepted) = runtime.block_on(async {
@@ -311,6 +338,7 @@ fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
                 // after the client stops reading, not into megabytes of kernel buffers.
                 let socket = tokio::net::TcpSocket::new_v4().expect("socket");
                 socket.set_recv_buffer_size(32 * KIB as u32).expect("SO_RCVBUF");
+                socket.set_send_buffer_size(32 * KIB as u32).expect("SO_SNDBUF");
                 let mut client = socket.connect(addr).await.expect("connect");
                 // One small echo first: the stream that follows is then a dialogue to echod,
                 // whose buffers are kept (and grown) rather than freed at every lull.
@@ -334,12 +362,10 @@ fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
                     reader
                 });
                 let mut written = 0;
-                'stall: for _ in 0..STUCK_ROUNDS {
-                    for chunk in data.chunks(64 * KIB) {
-                        match tokio::time::timeout(Duration::from_secs(3), writer.write_all(chunk)).await {
-                            Ok(Ok(())) => written += chunk.len(),
-                            _ => break 'stall,
-                        }
+                for chunk in data.chunks(64 * KIB).cycle().take((PER_CLIENT + UNREAD) / (64 * KIB)) {
+                    match tokio::time::timeout(Duration::from_secs(3), writer.write_all(chunk)).await {
+                        Ok(Ok(())) => written += chunk.len(),
+                        _ => break,
                     }
                 }
                 let reader = read_some.await.expect("reader");
@@ -362,7 +388,7 @@ fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
     let copying = common::metric(&gauge, "echod_connections_copying", "") as usize;
     let limit = common::metric(&gauge, "echod_buffer_memory_limit_bytes", "") as usize;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let (held, rss_stuck) = runtime.block_on(sampler).expect("sampler");
+    let (held, rss_stuck, kernel_peak) = runtime.block_on(sampler).expect("sampler");
 
     // A ping-pong client is served as usual meanwhile.
     let pingpong = Instant::now();
@@ -376,17 +402,28 @@ fn the_buffer_budget_bounds_memory_under_two_thousand_stuck_bulk_clients() {
     let pingpong = pingpong.elapsed();
     let growth = rss_stuck.saturating_sub(rss_before);
     println!(
-        "budget: {CLIENTS} clients ({copying} stuck copying at the end) wrote {:.0} MiB unread; echo buffers peaked at {:.1} MiB of a {:.0} MiB budget; \
-         echod RSS {:.1} -> peak {:.1} MiB (+{:.1} MiB, {:.1} KiB per client); 100 ping-pongs took {pingpong:?}",
+        "budget: {CLIENTS} clients ({copying} stuck copying at the end) wrote {:.0} MiB, {:.0} MiB of it unread; echo buffers peaked at {:.1} MiB of a {:.0} MiB budget; \
+         echod RSS {:.1} -> peak {:.1} MiB (+{:.1} MiB, {:.1} KiB per client); kernel TCP memory peaked at {:.0} MiB; \
+         100 ping-pongs took {pingpong:?}",
         accepted as f64 / MIB as f64,
+        accepted.saturating_sub(CLIENTS * PER_CLIENT) as f64 / MIB as f64,
         held as f64 / MIB as f64,
         limit as f64 / MIB as f64,
         rss_before as f64 / MIB as f64,
         rss_stuck as f64 / MIB as f64,
         growth as f64 / MIB as f64,
         growth as f64 / KIB as f64 / CLIENTS as f64,
+        (kernel_peak * page_size()) as f64 / MIB as f64,
     );
     assert_eq!(limit, BUDGET);
+    // The load stays within what the kernel gives all TCP sockets together: past it the kernel
+    // squeezes every socket's buffers and drops segments, stalling the connections of every
+    // test that runs meanwhile.
+    let pressure = kernel_tcp_pressure_pages();
+    assert!(
+        kernel_peak < pressure,
+        "the clients took {kernel_peak} pages of TCP memory, past the kernel's {pressure}"
+    );
     // Every lease within the budget, but each copying client's smallest buffers (3 KiB), which
     // are always granted.
     assert!(held <= BUDGET + CLIENTS * 3 * KIB, "echo buffers peaked at {held} B over the {BUDGET} B budget");
