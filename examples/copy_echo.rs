@@ -84,7 +84,12 @@ impl AsyncRead for FarSide<'_> {
         if self.closed {
             return Poll::Ready(Ok(()));
         }
-        self.waiting = Some(cx.waker().clone());
+        // Woken on every message by the other direction's traffic: keep the waker it already
+        // has rather than clone one each time.
+        match &self.waiting {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => self.waiting = Some(cx.waker().clone()),
+        }
         Poll::Pending
     }
 }
